@@ -38,8 +38,8 @@ def get_scale(name: str | None = None) -> str:
     scale = scale.strip().lower()
     if scale not in SCALES:
         raise ValueError(
-            f"Unknown scale {scale!r}; set NEURONLIB_SCALE to one of {', '.join(SCALES)}"
-            " (or leave it unset for 'default')."
+            f"Unknown scale {scale!r}; set NEURONLIB_SCALE to one of "
+            f"{', '.join(SCALES)} (or leave it unset for 'default')."
         )
     return scale
 

@@ -1,0 +1,1 @@
+"""Probes: objects that attach to a model, listen to fit's events and record."""
