@@ -1,0 +1,920 @@
+"""The gradient-sign recorder against torch.autograd.grad on small models."""
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuronlib.probes import GradientSignRecorder, SignRecord
+from neuronlib.probes.signs import (
+    NEGATIVE,
+    POSITIVE,
+    ZERO,
+    _pack_code_bytes,
+    pack_codes,
+    sign_codes,
+    unpack_codes,
+)
+
+NUM_SAMPLES = 24
+BATCH_SIZE = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- models
+
+
+def mlp_model(activation=nn.ReLU, *, inplace=False, batch_norm=False, widths=(8, 7)):
+    def act():
+        return activation(inplace=True) if inplace else activation()
+
+    first, second = widths
+    layers = [("flatten", nn.Flatten()), ("fc1", nn.Linear(12, first))]
+    if batch_norm:
+        layers.append(("bn1", nn.BatchNorm1d(first)))
+    layers += [("act1", act()), ("fc2", nn.Linear(first, second)), ("act2", act())]
+    layers.append(("out", nn.Linear(second, 3)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def cnn_model(*, inplace=False, batch_norm=None):
+    """Conv, [bn], relu, [bn], pool, conv, relu, pool, linear.
+
+    ``batch_norm`` is None, ``"before"`` (conv, bn, relu) or ``"after"`` (conv,
+    relu, bn): the two orders of the VGG builder.
+    """
+    layers = [("conv1", nn.Conv2d(2, 4, 3, padding=1))]
+    if batch_norm == "before":
+        layers.append(("bn1", nn.BatchNorm2d(4)))
+    layers.append(("act1", nn.ReLU(inplace=inplace)))
+    if batch_norm == "after":
+        layers.append(("bn1", nn.BatchNorm2d(4)))
+    layers += [
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(4, 5, 3, padding=1)),
+        ("act2", nn.ReLU(inplace=inplace)),
+        ("gap", nn.AdaptiveAvgPool2d(1)),
+        ("flatten", nn.Flatten()),
+        ("out", nn.Linear(5, 3)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def data_for(model, dtype=torch.float32, *, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    is_cnn = isinstance(model[0], nn.Conv2d)
+    shape = (NUM_SAMPLES, 2, 4, 4) if is_cnn else (NUM_SAMPLES, 12)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
+    y = torch.randint(0, 3, (NUM_SAMPLES,), generator=generator)
+    return x, y
+
+
+# --- reference
+
+
+def code_of(value):
+    return POSITIVE if value > 0 else NEGATIVE if value < 0 else ZERO
+
+
+def channel_value(grad, reduce):
+    """One channel's value from its [H, W] gradient, the slow obvious way."""
+    if reduce == "sum":
+        return grad.sum().item()
+    positive = sum(1 for v in grad.flatten().tolist() if v > 0)
+    negative = sum(1 for v in grad.flatten().tolist() if v < 0)
+    return positive - negative
+
+
+def reference_grads(twin, layers, x, y):
+    """dLoss/dPre-activation and dLoss/dActivation by autograd.grad, no hooks."""
+    captured = {}
+    h = x
+    for name, module in twin.named_children():
+        if name in layers:
+            pre = h
+            h = module(h)
+            captured[name] = (pre, h)
+        else:
+            h = module(h)
+    loss = F.cross_entropy(h, y)
+    tensors = [t for name in layers for t in captured[name]]
+    grads = torch.autograd.grad(loss, tensors)
+    return {
+        (name, quantity): grads[2 * i + j]
+        for i, name in enumerate(layers)
+        for j, quantity in enumerate(("pre_activation", "activation"))
+    }
+
+
+def non_inplace_twin(model):
+    """A copy without in-place activations and without any hook."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+        for attribute, value in vars(module).items():
+            if "hook" in attribute and isinstance(value, dict):
+                value.clear()
+    return twin
+
+
+@dataclass
+class Expected:
+    """Codes [R, S, K] built entry by entry from reference gradients."""
+
+    samples: list
+    neurons: dict
+    codes: dict = field(default_factory=dict)
+
+    def new_record(self):
+        for records in self.codes.values():
+            records.append(torch.zeros_like(records[0]))
+
+    def add(self, grads, index, reduce):
+        for (name, quantity), grad in grads.items():
+            records = self.codes.setdefault(
+                (name, quantity),
+                [
+                    torch.zeros(
+                        len(self.samples), len(self.neurons[name]), dtype=torch.uint8
+                    )
+                ],
+            )
+            for i, dataset_index in enumerate(index.tolist()):
+                if dataset_index not in self.samples:
+                    continue
+                row = self.samples.index(dataset_index)
+                for column, neuron in enumerate(self.neurons[name]):
+                    g = grad[i, neuron]
+                    value = channel_value(g, reduce) if g.dim() else g.item()
+                    records[-1][row, column] = code_of(value)
+
+    def stacked(self, name, quantity):
+        return torch.stack(self.codes[(name, quantity)])
+
+
+def train_recorded(
+    model,
+    recorder,
+    x,
+    y,
+    *,
+    epochs=3,
+    record=lambda epoch: True,
+    samples=None,
+    neurons=None,
+    reduce="sum",
+    lr=0.5,
+    keep=None,
+):
+    """Train with SGD, driving the recorder by hand; return reference codes.
+
+    ``keep(epoch, index)`` may drop samples from a batch (to leave some unseen).
+    """
+    layers = list(recorder.layers)
+    samples = list(range(NUM_SAMPLES)) if samples is None else list(samples)
+    widths = {name: recorder.neuron_index[name].numel() for name in layers}
+    neurons = neurons or {}
+    neurons = {n: list(neurons.get(n, range(widths[n]))) for n in layers}
+    expected = Expected(samples, neurons)
+    twin = non_inplace_twin(model)
+    generator = torch.Generator().manual_seed(1)
+    first_record = True
+
+    recorder.on_fit_start(SimpleNamespace(model=model))
+    for epoch in range(epochs):
+        recorder.on_epoch_start(SimpleNamespace(epoch=epoch))
+        if record(epoch) and not first_record:
+            expected.new_record()
+        order = torch.randperm(NUM_SAMPLES, generator=generator)
+        for start in range(0, NUM_SAMPLES, BATCH_SIZE):
+            index = order[start : start + BATCH_SIZE]
+            if keep is not None:
+                index = index[keep(epoch, index)]
+            xb, yb = x[index], y[index]
+            if record(epoch):
+                twin.load_state_dict(model.state_dict())
+                grads = reference_grads(twin, layers, xb, yb)
+                expected.add(grads, index, reduce)
+            batch = SimpleNamespace(x=xb, y=yb, index=index)
+            recorder.on_batch_start(SimpleNamespace(batch=batch))
+            loss = F.cross_entropy(model(xb), yb)
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():  # plain SGD
+                for parameter in model.parameters():
+                    parameter -= lr * parameter.grad
+            recorder.on_batch_end(SimpleNamespace(batch=batch))
+        if record(epoch):
+            first_record = False
+        recorder.on_epoch_end(SimpleNamespace(epoch=epoch))
+    recorder.on_fit_end(SimpleNamespace(model=model))
+    return expected
+
+
+# --- agreement
+
+CASES = {
+    "mlp-relu": dict(build=lambda: mlp_model()),
+    "mlp-tanh": dict(build=lambda: mlp_model(nn.Tanh)),
+    # 16 and 36 neurons: rows of 4 and 9 bytes (stored as int32 and uint8 words)
+    "mlp-relu-wide": dict(build=lambda: mlp_model(widths=(16, 36))),
+    "mlp-relu-wider": dict(build=lambda: mlp_model(widths=(64, 8))),
+    "mlp-relu-inplace": dict(build=lambda: mlp_model(inplace=True)),
+    "mlp-leaky-relu-inplace-float64": dict(
+        build=lambda: mlp_model(nn.LeakyReLU, inplace=True), dtype=torch.float64
+    ),
+    "mlp-batchnorm-train": dict(build=lambda: mlp_model(batch_norm=True, inplace=True)),
+    "mlp-relu-subsets": dict(
+        build=lambda: mlp_model(),
+        samples=[17, 3, 8, 22, 0, 11],
+        neurons={"act1": [5, 0, 7], "act2": [6, 1]},
+    ),
+    "cnn-sum-float64": dict(build=lambda: cnn_model(), dtype=torch.float64),
+    "cnn-majority-float64": dict(
+        build=lambda: cnn_model(), dtype=torch.float64, reduce="majority"
+    ),
+    "cnn-batchnorm-before-inplace-float64": dict(
+        build=lambda: cnn_model(inplace=True, batch_norm="before"),
+        dtype=torch.float64,
+    ),
+    "cnn-batchnorm-after-inplace-float64": dict(
+        build=lambda: cnn_model(inplace=True, batch_norm="after"),
+        dtype=torch.float64,
+    ),
+    "cnn-sum-float32-channel-subset": dict(
+        build=lambda: cnn_model(), neurons=[3, 1], samples=[2, 9, 14]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_recorded_signs_equal_autograd_signs(case):
+    torch.manual_seed(0)
+    dtype = case.get("dtype", torch.float32)
+    model = case["build"]().to(dtype)
+    x, y = data_for(model, dtype)
+    samples, neurons = case.get("samples"), case.get("neurons")
+    reduce = case.get("reduce", "sum")
+    recorder = GradientSignRecorder(
+        model,
+        samples=samples,
+        num_samples=NUM_SAMPLES,
+        neurons=neurons,
+        conv_reduce=reduce,
+    )
+    if isinstance(neurons, list):
+        neurons = dict.fromkeys(recorder.layers, neurons)
+
+    with recorder:
+        expected = train_recorded(
+            model, recorder, x, y, samples=samples, neurons=neurons, reduce=reduce
+        )
+
+    assert recorder.record_epochs == [0, 1, 2]
+    seen = set()
+    for name in ("act1", "act2"):
+        for quantity in ("activation", "pre_activation"):
+            want = expected.stacked(name, quantity)
+            got = recorder.codes(name, quantity)
+            assert got.shape == want.shape
+            assert torch.equal(got, want), (name, quantity)
+            assert (got != 0).all()  # every tracked sample was seen every epoch
+            seen.update(got.unique().tolist())
+    assert {NEGATIVE, POSITIVE} <= seen  # not vacuous: both signs occur
+
+
+def test_zero_codes_come_from_relu_not_tanh():
+    torch.manual_seed(0)
+    for activation, has_zeros in ((nn.ReLU, True), (nn.Tanh, False)):
+        model = mlp_model(activation)
+        x, y = data_for(model)
+        with GradientSignRecorder(model, num_samples=NUM_SAMPLES) as recorder:
+            train_recorded(model, recorder, x, y, epochs=1)
+        codes = recorder.codes("act1", "pre_activation")
+        assert bool((codes == ZERO).any()) == has_zeros
+
+
+def test_user_hooks_survive_fire_and_do_not_change_the_signs():
+    torch.manual_seed(0)
+    # PyTorch itself forbids a full backward hook on an in-place module.
+    model = mlp_model()
+    x, y = data_for(model)
+    calls = {"forward": 0, "backward": 0, "pre": 0}
+
+    def forward_hook(module, args, output):
+        calls["forward"] += 1
+
+    def backward_hook(module, grad_input, grad_output):
+        calls["backward"] += 1
+
+    def pre_hook(module, args):
+        calls["pre"] += 1
+
+    # A full backward hook wraps the module's inputs and outputs; the recorder's
+    # tensors must still get the right gradients.
+    user = [
+        model.act1.register_forward_hook(forward_hook),
+        model.act1.register_full_backward_hook(backward_hook),
+        model.act2.register_forward_pre_hook(pre_hook),
+    ]
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES)
+    with recorder:
+        expected = train_recorded(model, recorder, x, y, epochs=2)
+    steps = 2 * -(-NUM_SAMPLES // BATCH_SIZE)
+    assert calls == {"forward": steps, "backward": steps, "pre": steps}
+    for name in ("act1", "act2"):
+        for quantity in ("activation", "pre_activation"):
+            want = expected.stacked(name, quantity)
+            assert torch.equal(recorder.codes(name, quantity), want)
+
+    model(x).sum().backward()
+    assert calls == {"forward": steps + 1, "backward": steps + 1, "pre": steps + 1}
+    for handle in user:
+        handle.remove()
+
+
+def test_two_recorders_run_side_by_side():
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    first = GradientSignRecorder(model, num_samples=NUM_SAMPLES)
+    second = GradientSignRecorder(
+        model, ["act2"], samples=[9, 2, 3], neurons=[4, 0], quantities="activation"
+    )
+
+    class Both:
+        layers, neuron_index = first.layers, first.neuron_index
+
+        def __getattr__(self, name):
+            def call(state):
+                getattr(first, name)(state)
+                getattr(second, name)(state)
+
+            return call
+
+    with first, second:
+        train_recorded(model, Both(), x, y, epochs=2)
+    want = first.codes("act2")[:, [9, 2, 3]][:, :, [4, 0]]
+    assert torch.equal(second.codes("act2"), want)
+    assert (want != 0).all()
+
+
+# --- storage
+
+
+@pytest.mark.parametrize("num_neurons", range(1, 10), ids=lambda k: f"K={k}")
+def test_pack_and_unpack_are_inverse(num_neurons):
+    codes = torch.randint(0, 4, (3, 5, num_neurons), dtype=torch.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (3, 5, -(-num_neurons // 4))
+    assert torch.equal(unpack_codes(packed, num_neurons), codes)
+
+
+def test_pack_layout_is_four_codes_per_byte_low_bits_first():
+    codes = torch.tensor([[1, 2, 3, 0, 2]], dtype=torch.uint8)
+    assert pack_codes(codes).tolist() == [[1 | 2 << 2 | 3 << 4, 2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sign_codes_are_sign_plus_two(dtype):
+    grad = torch.tensor([-3.0, -0.0, 0.0, 2e-30, float("nan")]).to(dtype)
+    assert sign_codes(grad).tolist() == [NEGATIVE, ZERO, ZERO, POSITIVE, ZERO]
+
+
+@pytest.mark.parametrize("num_bytes", [1, 3, 8])
+def test_packing_of_code_bytes_equals_packing_of_codes(num_bytes):
+    codes = torch.randint(0, 4, (5, 4 * num_bytes), dtype=torch.uint8)
+    want = pack_codes(codes)
+    assert torch.equal(_pack_code_bytes(codes.to(torch.int8)), want)
+    assert torch.equal(_pack_code_bytes(codes), want)
+
+
+def test_memory_is_two_bits_per_sample_neuron_record():
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 16), nn.Tanh())
+    x, y = torch.randn(NUM_SAMPLES, 12), torch.randint(0, 8, (NUM_SAMPLES,))
+    with GradientSignRecorder(model, ["1", "3"], num_samples=NUM_SAMPLES) as recorder:
+        for epoch in range(3):
+            recorder.start_epoch(epoch)
+            recorder.start_batch(torch.arange(NUM_SAMPLES))
+            F.cross_entropy(model(x)[:, :8], y).backward()
+            recorder.end_batch()
+    per_quantity = NUM_SAMPLES * (8 + 16) * 3 // 4
+    assert recorder.nbytes == 2 * per_quantity
+    assert recorder.packed("3", "pre_activation").shape == (3, NUM_SAMPLES, 4)
+    assert recorder.snapshot().nbytes == recorder.nbytes
+
+
+def test_width_not_multiple_of_four_rounds_up_to_whole_bytes():
+    model = mlp_model()  # act2 has 7 neurons
+    recorder = GradientSignRecorder(model, ["act2"], num_samples=NUM_SAMPLES)
+    recorder.start_epoch(0)
+    assert recorder.packed("act2").shape == (1, NUM_SAMPLES, 2)
+    assert recorder.codes("act2").shape == (1, NUM_SAMPLES, 7)
+
+
+# --- schedule
+
+
+@pytest.mark.parametrize(
+    "epochs, recorded",
+    [([1, 3], [1, 3]), (lambda e: e % 2 == 0, [0, 2]), (None, [0, 1, 2, 3])],
+    ids=["list", "predicate", "every-epoch"],
+)
+def test_only_scheduled_epochs_are_recorded(epochs, recorded):
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES, epochs=epochs)
+    schedule = (lambda e: e in recorded) if epochs is not None else (lambda e: True)
+    with recorder:
+        expected = train_recorded(model, recorder, x, y, epochs=4, record=schedule)
+    assert recorder.record_epochs == recorded
+    assert torch.equal(recorder.codes("act2"), expected.stacked("act2", "activation"))
+
+
+def test_samples_unseen_in_an_epoch_are_not_recorded():
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+
+    def keep(epoch, index):  # epoch 0 sees only the even dataset indices
+        return index % 2 == 0 if epoch == 0 else torch.ones_like(index, dtype=bool)
+
+    with GradientSignRecorder(model, num_samples=NUM_SAMPLES) as recorder:
+        expected = train_recorded(model, recorder, x, y, epochs=2, keep=keep)
+    codes = recorder.codes("act1", "pre_activation")
+    assert torch.equal(codes, expected.stacked("act1", "pre_activation"))
+    assert (codes[0, 1::2] == 0).all() and (codes[0, 0::2] != 0).all()
+    assert (codes[1] != 0).all()
+    assert torch.equal(recorder.recorded("act1")[0, :, 0], torch.arange(24) % 2 == 0)
+
+
+def test_untracked_and_out_of_range_indices_are_ignored():
+    model = mlp_model()
+    x = torch.randn(4, 12)
+    recorder = GradientSignRecorder(model, samples=[5, 7], num_samples=10)
+    with recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.tensor([7, 100, -3, 2]))
+        model(x).sum().backward()
+        recorder.end_batch()
+    codes = recorder.codes("act1")
+    assert (codes[0, 0] == 0).all()  # sample 5 not in the batch
+    assert (codes[0, 1] != 0).all()  # sample 7 at position 0
+
+
+def test_signs_and_mask():
+    model = mlp_model()
+    with GradientSignRecorder(model, samples=[0, 1], num_samples=4) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.tensor([1, 3]))
+        model(torch.randn(2, 12)).sum().backward()
+        recorder.end_batch()
+    signs = recorder.signs("act1", "pre_activation")
+    codes = recorder.codes("act1", "pre_activation")
+    assert signs.dtype == torch.int8
+    want = torch.where(codes == 0, 0, codes.long() - 2).to(torch.int8)
+    assert torch.equal(signs, want)
+    assert torch.equal(recorder.recorded("act1"), codes != 0)
+
+
+# --- when not
+
+
+def test_nothing_is_recorded_without_gradients():
+    model = mlp_model()
+    x = torch.randn(4, 12)
+    with GradientSignRecorder(model, num_samples=4) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(4))
+        with torch.no_grad():
+            model(x)
+        model.eval()  # evaluation in eval mode without gradients is fine too
+        with torch.no_grad():
+            model(x)
+        with torch.inference_mode():
+            model(x)
+        model.train()
+        recorder.end_batch()
+        model(x).sum().backward()  # not armed: outside a batch
+    assert (recorder.codes("act1") == 0).all()
+
+
+def test_grad_enabled_forward_in_eval_mode_raises():
+    model = mlp_model()
+    with GradientSignRecorder(model, num_samples=4) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(4))
+        model.eval()
+        with pytest.raises(RuntimeError, match=r"model\.train\(\)"):
+            model(torch.randn(4, 12))
+        model.train()
+        recorder.end_batch()
+        model.eval()
+        model(torch.randn(4, 12))  # not armed: allowed
+
+
+def test_unscheduled_epoch_records_nothing_and_arms_nothing():
+    model = mlp_model()
+    with GradientSignRecorder(model, num_samples=4, epochs=[1]) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(4))
+        model.eval()
+        model(torch.randn(4, 12))  # epoch 0 is not recorded: no error
+    assert recorder.record_epochs == []
+    assert recorder.codes("act1").shape == (0, 4, 8)
+
+
+# --- bad input
+
+
+def test_unknown_layer_lists_the_hidden_layers():
+    with pytest.raises(ValueError, match=r"'act9'.*\['act1', 'act2'\]"):
+        GradientSignRecorder(mlp_model(), ["act9"], num_samples=4)
+
+
+def test_weight_layer_instead_of_activation_is_refused():
+    with pytest.raises(ValueError, match=r"'fc1' is a Linear.*activation"):
+        GradientSignRecorder(mlp_model(), ["fc1"], num_samples=4)
+
+
+@pytest.mark.parametrize(
+    "neurons, match",
+    [
+        ([0, 8], r"8 is out of range for layer 'act1', which has 8 neurons"),
+        ({"act2": [7]}, r"7 is out of range for layer 'act2', which has 7"),
+        ({"act2": [-1]}, r"negative index -1"),
+        ({"act2": [1, 1]}, r"repeated"),
+        ({"fc1": [0]}, r"not recorded: \['fc1'\]"),
+    ],
+    ids=["too-large", "too-large-mapping", "negative", "repeated", "unknown-layer"],
+)
+def test_bad_neuron_indices_are_refused(neurons, match):
+    with pytest.raises(ValueError, match=match):
+        GradientSignRecorder(mlp_model(), num_samples=4, neurons=neurons)
+
+
+def test_bad_neuron_index_in_a_custom_model_is_caught_at_the_first_forward():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    model = Net()
+    recorder = GradientSignRecorder(model, ["act"], num_samples=4, neurons=[2, 6])
+    with recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(2))
+        with pytest.raises(ValueError, match=r"6 is out of range for layer 'act'"):
+            model(torch.randn(2, 3))
+
+
+def test_width_of_a_custom_model_is_learnt_at_the_first_forward():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 6)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.fc(x)).sum()
+
+    model = Net()
+    with GradientSignRecorder(model, num_samples=4) as recorder:
+        assert recorder.layers == ("act",)
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.tensor([2, 0]))
+        model(torch.randn(2, 3)).backward()
+        recorder.end_batch()
+    codes = recorder.codes("act")
+    assert codes.shape == (1, 4, 6)
+    assert (codes[0, [0, 2]] == POSITIVE).all() and (codes[0, [1, 3]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(samples=[0, 4], num_samples=4), r"4 is out of range.*4 samples"),
+        (dict(samples=[-2]), r"negative index -2"),
+        (dict(samples=[1, 1]), r"repeated"),
+        (dict(samples=[]), r"non-empty"),
+        (dict(), r"num_samples=len\(train\)"),
+        (dict(num_samples=0), r"num_samples"),
+        (dict(num_samples=4, conv_reduce="mean"), r"conv_reduce 'mean'"),
+        (dict(num_samples=4, quantities=("gradient",)), r"quantities"),
+        (dict(num_samples=4, epochs=[0, -1]), r"epochs count from 0"),
+    ],
+    ids=[
+        "sample-too-large",
+        "sample-negative",
+        "sample-repeated",
+        "samples-empty",
+        "no-samples-nor-size",
+        "size-zero",
+        "conv-reduce",
+        "quantity",
+        "epoch-negative",
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientSignRecorder(mlp_model(), **kwargs)
+
+
+class PlainBatch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor | None
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        (torch.zeros(2, 12), torch.zeros(2)),
+        PlainBatch(torch.zeros(2, 12), torch.zeros(2), None),
+        SimpleNamespace(x=torch.zeros(2, 12), y=torch.zeros(2), index=None),
+        {"x": torch.zeros(2, 12)},
+    ],
+    ids=["pair", "batch-without-index", "object-without-index", "mapping"],
+)
+def test_batches_without_dataset_indices_are_refused(batch):
+    recorder = GradientSignRecorder(mlp_model(), num_samples=4)
+    recorder.on_epoch_start(SimpleNamespace(epoch=0))
+    with pytest.raises(ValueError, match=r"dataset indices.*TensorData\.loader"):
+        recorder.on_batch_start(SimpleNamespace(batch=batch))
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        (torch.zeros(2, 12), torch.zeros(2), torch.tensor([1, 3])),
+        PlainBatch(torch.zeros(2, 12), torch.zeros(2), torch.tensor([1, 3])),
+        {"index": torch.tensor([1, 3])},
+    ],
+    ids=["triple", "named-tuple", "mapping"],
+)
+def test_batches_with_dataset_indices_are_read(batch):
+    model = mlp_model()
+    with GradientSignRecorder(model, num_samples=4) as recorder:
+        recorder.on_epoch_start(SimpleNamespace(epoch=0))
+        recorder.on_batch_start(SimpleNamespace(batch=batch))
+        model(torch.randn(2, 12)).sum().backward()
+    recorded = recorder.recorded("act1")[0, :, 0]
+    assert recorded.tolist() == [False, True, False, True]
+
+
+def test_batch_size_mismatch_is_refused():
+    model = mlp_model()
+    with GradientSignRecorder(model, num_samples=8) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(3))
+        with pytest.raises(ValueError, match="3 entries but layer 'act1' got 4"):
+            model(torch.randn(4, 12))
+
+
+def test_reading_an_unrecorded_quantity_is_refused():
+    recorder = GradientSignRecorder(
+        mlp_model(), num_samples=4, quantities=("activation",)
+    )
+    with pytest.raises(ValueError, match="'pre_activation' was not recorded"):
+        recorder.codes("act1", "pre_activation")
+    with pytest.raises(ValueError, match="'fc1' was not recorded"):
+        recorder.codes("fc1")
+
+
+# --- hooks
+
+
+def hook_state(model):
+    """Every hook dictionary of every module, as plain copies."""
+    return {
+        (name, attribute): dict(value)
+        for name, module in model.named_modules()
+        for attribute, value in vars(module).items()
+        if "hook" in attribute and isinstance(value, dict)
+    }
+
+
+def test_removing_leaves_the_hooks_exactly_as_before():
+    model = mlp_model()
+    user = model.act1.register_forward_hook(lambda *args: None)
+    before = hook_state(model)
+    recorder = GradientSignRecorder(model, num_samples=4)
+    with recorder:
+        assert hook_state(model) != before
+    assert hook_state(model) == before
+    recorder.remove()
+    recorder.remove()  # twice: harmless
+    assert hook_state(model) == before
+    assert not recorder.attached
+    user.remove()
+
+
+def test_hooks_are_removed_after_an_error():
+    model = mlp_model()
+    before = hook_state(model)
+    with pytest.raises(RuntimeError, match="model.train"):
+        with GradientSignRecorder(model, num_samples=4) as recorder:
+            recorder.start_epoch(0)
+            recorder.start_batch(torch.arange(2))
+            model.eval()
+            model(torch.randn(2, 12))
+    assert hook_state(model) == before
+
+
+def test_attach_is_idempotent_and_refuses_another_model():
+    model = mlp_model()
+    before = hook_state(model)
+    recorder = GradientSignRecorder(model, num_samples=4)
+    recorder.attach(model)
+    recorder.attach()
+    recorder.remove()
+    assert hook_state(model) == before
+    with pytest.raises(ValueError, match="another model"):
+        recorder.attach(mlp_model())
+
+
+def test_fit_start_attaches_and_fit_end_removes():
+    model = mlp_model()
+    before = hook_state(model)
+    recorder = GradientSignRecorder(model, num_samples=4)
+    recorder.on_fit_start(SimpleNamespace(model=model))
+    assert recorder.attached
+    recorder.on_fit_end(SimpleNamespace(model=model))
+    assert hook_state(model) == before
+    with recorder:  # a recorder attached by the caller stays attached
+        recorder.on_fit_start(SimpleNamespace(model=model))
+        recorder.on_fit_end(SimpleNamespace(model=model))
+        assert recorder.attached
+
+
+# --- layers
+
+
+def test_default_layers_are_the_hidden_activation_modules():
+    recorder = GradientSignRecorder(mlp_model(), num_samples=4)
+    assert recorder.layers == ("act1", "act2")
+    assert [k.numel() for k in recorder.neuron_index.values()] == [8, 7]
+    recorder = GradientSignRecorder(cnn_model(batch_norm="before"), num_samples=4)
+    assert recorder.layers == ("act1", "act2")
+    assert [k.numel() for k in recorder.neuron_index.values()] == [4, 5]
+
+
+def test_default_layers_with_neuronlib_models():
+    models = pytest.importorskip("neuronlib.models")
+    model = models.mlp((1, 4, 4), (6, 5), 3)
+    recorder = GradientSignRecorder(model, num_samples=4)
+    assert list(recorder.layers) == models.hidden_layers(model)
+    assert [k.numel() for k in recorder.neuron_index.values()] == [6, 5]
+
+
+# --- storage out
+
+
+def test_record_round_trips_through_npz(tmp_path):
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(
+        model, samples=[4, 2, 9], neurons={"act2": [6, 0, 3]}, epochs=[0, 2]
+    )
+    with recorder:
+        train_recorded(model, recorder, x, y, epochs=3, samples=[4, 2, 9])
+
+    np.savez(tmp_path / "r.npz", other=np.zeros(2), **recorder.to_arrays("run"))
+    with np.load(tmp_path / "r.npz", allow_pickle=False) as arrays:
+        record = SignRecord.from_arrays(dict(arrays), prefix="run")
+
+    assert record.layers == recorder.layers
+    assert record.quantities == recorder.quantities
+    assert record.conv_reduce == "sum"
+    assert record.record_epochs == [0, 2]
+    assert torch.equal(record.sample_index, torch.tensor([4, 2, 9]))
+    assert torch.equal(record.neuron_index["act2"], torch.tensor([6, 0, 3]))
+    assert record.nbytes == recorder.nbytes
+    for name in record.layers:
+        for quantity in record.quantities:
+            assert torch.equal(
+                record.codes(name, quantity), recorder.codes(name, quantity)
+            )
+    # Numbers may come back from a cache as tensors, strings as arrays.
+    tensors = {
+        key: value if value.dtype.kind == "U" else torch.as_tensor(value)
+        for key, value in recorder.to_arrays().items()
+    }
+    assert torch.equal(
+        SignRecord.from_arrays(tensors).codes("act1"), recorder.codes("act1")
+    )
+    with pytest.raises(ValueError, match="'run.layers'"):
+        SignRecord.from_arrays({}, prefix="run")
+
+
+def test_snapshot_is_a_copy():
+    model = mlp_model()
+    with GradientSignRecorder(model, num_samples=4) as recorder:
+        recorder.start_epoch(0)
+        record = recorder.snapshot()
+        recorder.start_batch(torch.arange(2))
+        model(torch.randn(2, 12)).sum().backward()
+    assert (record.codes("act1") == 0).all()
+    assert (recorder.codes("act1")[0, :2] != 0).all()
+
+
+# --- fit
+
+
+def test_recording_through_fit_matches_autograd():
+    train = pytest.importorskip("neuronlib.train")
+    torch.manual_seed(0)
+    model = mlp_model(inplace=True)
+    x, y = data_for(model)
+    index = torch.arange(NUM_SAMPLES)
+    batches = [
+        (x[i : i + BATCH_SIZE], y[i : i + BATCH_SIZE], index[i : i + BATCH_SIZE])
+        for i in range(0, NUM_SAMPLES, BATCH_SIZE)
+    ]
+
+    class Snapshots:
+        """Keeps the weights and batch of every step, for the reference."""
+
+        def __init__(self):
+            self.steps = []
+
+        def on_batch_start(self, state):
+            weights = copy.deepcopy(state.model.state_dict())
+            self.steps.append((state.epoch, weights, state.batch))
+
+    before = hook_state(model)
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES, epochs=[1, 2])
+    snapshots = Snapshots()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train.fit(
+        model, batches, optimizer=optimizer, epochs=3, probes=[snapshots, recorder]
+    )
+    assert hook_state(model) == before  # attached by fit, removed by fit
+
+    twin = non_inplace_twin(model)
+    expected = Expected(list(range(NUM_SAMPLES)), {"act1": range(8), "act2": range(7)})
+    previous = None
+    for epoch, weights, batch in snapshots.steps:
+        if epoch == 0:
+            continue
+        if previous is not None and epoch != previous:
+            expected.new_record()
+        previous = epoch
+        twin.load_state_dict(weights)
+        grads = reference_grads(twin, ["act1", "act2"], batch[0], batch[1])
+        expected.add(grads, batch[2], "sum")
+
+    assert recorder.record_epochs == [1, 2]
+    for name in ("act1", "act2"):
+        for quantity in ("activation", "pre_activation"):
+            assert torch.equal(
+                recorder.codes(name, quantity), expected.stacked(name, quantity)
+            )
+
+
+def test_fit_with_a_neuronlib_loader_and_evaluation_records_every_sample():
+    data = pytest.importorskip("neuronlib.data")
+    train = pytest.importorskip("neuronlib.train")
+    models = pytest.importorskip("neuronlib.models")
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 4, 4)
+    y = torch.randint(0, 3, (40,))
+    index = torch.arange(100, 140)  # dataset indices need not start at 0
+    split = data.TensorData(x, y, index, ("a", "b", "c"), "mnist", "train")
+    model = models.mlp((1, 4, 4), (6, 5), 3)
+    recorder = GradientSignRecorder(model, samples=[139, 100, 117])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with recorder:
+        train.fit(
+            model,
+            split.loader(16, seed=1),
+            optimizer=optimizer,
+            epochs=2,
+            eval_sets={"val": split},  # evaluated in eval mode without gradients
+            probes=[recorder],
+        )
+    assert recorder.record_epochs == [0, 1]
+    for name in ("act1", "act2"):
+        assert (recorder.codes(name, "pre_activation") != 0).all()
