@@ -5,7 +5,7 @@ import sys
 
 from conftest import REPO
 
-PATHS = ["neuronlib", "tests", "benchmarks"]
+PATHS = ["neuronlib", "tests", "benchmarks", "conftest.py"]
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess:
