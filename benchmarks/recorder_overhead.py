@@ -1,0 +1,325 @@
+"""Time and memory of the gradient-sign recorder on an MNIST MLP.
+
+What is measured: the wall time of ``fit`` for ``--epochs`` epochs of an MLP
+784-1024-1024-10 (SGD, lr 0.01, momentum 0.9, batch 128, float32) over the 55,000
+samples of the MNIST training split, with no probe ("off") and with a
+``GradientSignRecorder`` ("on") on both hidden layers (``act1``, ``act2``), every
+training sample, all 2 x 1024 = 2048 neurons and the recorder's default quantities
+(the sign of dLoss/dActivation and of dLoss/dPre-activation), one record per epoch.
+
+Why: the recorder is meant to ride along with ordinary training: it reads gradients
+that backpropagation computes anyway, through tensor hooks, and packs their signs
+two bits each. The target (issue 3) is at most 1.05x the time of the same run
+without it, and memory of exactly two bits per sample, neuron and record, that is
+``samples * neurons * records / 4`` bytes per quantity. The naive way, keeping each
+step's float32 gradients ``[B, K]`` for the epoch, takes ``samples * neurons * 4``
+bytes per record and quantity: 16 times more by construction.
+
+How: off and on alternate (the order swaps at every repeat) and each run builds a
+fresh model from the same seed, so both train exactly the same network; a short
+warm-up runs before the first timed run. Building the recorder is not timed;
+allocating its record (at the start of each epoch), the hooks and the packing are.
+Other processes distort timings (on two cores, one busy process can slow a two-
+thread epoch several times over), so each run also reports the CPU that other
+processes used while it ran ("others", in cores, from ``/proc/stat``). Runs with
+others <= 0.25 cores (plus the cores that ``--threads`` leaves free) count as quiet;
+the ratio uses the medians of the quiet runs when both settings have one, else of
+all runs. The minima are printed too. After the runs, the last record is checked:
+its bytes against the formula, and that every entry holds a sign.
+
+Run (from the repository root; NEURONLIB_DATA names the data mirror)::
+
+    NEURONLIB_DATA=../shared/datasets python benchmarks/recorder_overhead.py
+
+The exit code is 0 whatever the timings; the target is printed as PASS or FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from neuronlib import config, models
+from neuronlib import data as nldata
+from neuronlib.probes import GradientSignRecorder
+from neuronlib.train import fit
+
+SEED = 0
+BATCH_SIZE = 128
+WIDTHS = (1024, 1024)
+LAYERS = ("act1", "act2")
+LR = 0.01
+MOMENTUM = 0.9
+WARMUP_STEPS = 20
+
+TARGET_ON_OVER_OFF = 1.05  # at most
+# A run is quiet when other processes used at most the cores that this one leaves
+# free plus this margin (0.25 cores with torch's 2 threads on 2 cores).
+QUIET_MARGIN = 0.25
+FLOAT32_BYTES = 4
+MB = 1e6
+
+
+def build(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh MLP 784-1024-1024-10 from ``SEED`` and its SGD optimizer."""
+    torch.manual_seed(SEED)
+    model = models.mlp((1, 28, 28), WIDTHS, 10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    return model, optimizer
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that the clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds that all processes have spent busy since boot; None if unknown.
+
+    Read from the first line of ``/proc/stat`` (Linux): user, nice, system, irq,
+    softirq and steal time; idle and iowait do not count.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    """CPU seconds used by this process so far, all its threads."""
+    times = os.times()
+    return times.user + times.system
+
+
+def run(
+    splits: nldata.Splits, device: torch.device, epochs: int, *, record: bool
+) -> tuple[float, float, GradientSignRecorder | None]:
+    """Time ``fit`` with or without the recorder.
+
+    Returns:
+        ``(seconds, others, recorder)``: the wall time; the CPU time that other
+        processes used meanwhile divided by it, in cores (NaN where ``/proc/stat``
+        cannot be read; near 0 means the run had the machine to itself); the
+        recorder, or None.
+    """
+    model, optimizer = build(device)
+    loader = splits.train.loader(BATCH_SIZE, seed=SEED)
+    probes = []
+    recorder = None
+    if record:
+        recorder = GradientSignRecorder(
+            model, list(LAYERS), samples=splits.train.index.cpu()
+        )
+        probes.append(recorder)
+
+    synchronize(device)
+    busy, own = busy_seconds(), own_seconds()
+    start = time.perf_counter()
+    fit(model, loader, optimizer=optimizer, epochs=epochs, probes=probes)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    busy_after, own_after = busy_seconds(), own_seconds()
+
+    if busy is None or busy_after is None:
+        return seconds, math.nan, recorder
+    others = max((busy_after - busy) - (own_after - own), 0.0) / seconds
+    return seconds, others, recorder
+
+
+def quiet_runs(times: list[float], others: list[float]) -> list[float]:
+    """The times of the runs during which others left this process its cores.
+
+    Without ``/proc/stat`` (others is NaN) every run counts as quiet.
+    """
+    limit = quiet_limit()
+    return [t for t, o in zip(times, others, strict=True) if not o > limit]
+
+
+def quiet_limit() -> float:
+    """The most CPU, in cores, that others may use during a quiet run."""
+    free = max((os.cpu_count() or 1) - torch.get_num_threads(), 0)
+    return free + QUIET_MARGIN
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other processes skew timings)."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def report_memory(recorder: GradientSignRecorder, epochs: int) -> None:
+    """Print the record's bytes, check them against the formula and the content."""
+    samples = recorder.sample_index.numel()
+    neurons = sum(recorder.neuron_index[layer].numel() for layer in recorder.layers)
+    records = len(recorder.record_epochs)
+    quantities = len(recorder.quantities)
+    assert records == epochs, (records, epochs)
+
+    expected_per_quantity = samples * neurons * records // 4
+    assert samples * neurons * records % 4 == 0
+    measured = {
+        quantity: sum(
+            recorder.packed(layer, quantity).nbytes for layer in recorder.layers
+        )
+        for quantity in recorder.quantities
+    }
+    total = recorder.nbytes
+    per_record = total // records
+    naive_per_record = samples * neurons * FLOAT32_BYTES * quantities
+    exact = all(m == expected_per_quantity for m in measured.values()) and (
+        total == expected_per_quantity * quantities
+    )
+    complete = all(
+        bool(recorder.recorded(layer, quantity).all())
+        for layer in recorder.layers
+        for quantity in recorder.quantities
+    )
+
+    print()
+    print(
+        f"record    {samples} samples x {neurons} neurons "
+        f"({', '.join(recorder.layers)}) x {records} record(s), quantities: "
+        f"{', '.join(recorder.quantities)}"
+    )
+    for quantity, nbytes in measured.items():
+        print(
+            f"  {quantity:<15} {nbytes:>13,} bytes  (samples*neurons*records/4 = "
+            f"{expected_per_quantity:,})"
+        )
+    print(f"  per record      {per_record:>13,} bytes  ({per_record / MB:.2f} MB)")
+    print(f"  whole run       {total:>13,} bytes  ({total / MB:.2f} MB)")
+    print(
+        f"  exactly 2 bits per sample*neuron*record*quantity: {exact}; "
+        f"every entry holds a sign: {complete}"
+    )
+    print(
+        f"naive     float32 gradients kept per step: {naive_per_record:,} bytes per "
+        f"record ({naive_per_record / MB:.1f} MB; samples*neurons*4 = "
+        f"{samples * neurons * FLOAT32_BYTES:,} per quantity), whole run "
+        f"{naive_per_record * records / MB:.1f} MB: {naive_per_record / per_record:g}x "
+        "the packed record"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per setting")
+    parser.add_argument("--device", default=None, help="default: neuronlib's choice")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args()
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error("--epochs and --repeats must be at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = config.get_device(args.device)
+
+    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(
+        f"machine   {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+    print(
+        f"torch     {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}"
+    )
+    print(f"load avg  {load_average()} (start)")
+
+    splits = nldata.load("mnist", device=device)
+    print(
+        f"task      MLP 784-{'-'.join(map(str, WIDTHS))}-10, SGD lr {LR} momentum "
+        f"{MOMENTUM}, batch {BATCH_SIZE}, {len(splits.train)} samples, "
+        f"{args.epochs} epoch(s) per run"
+    )
+
+    # Warm-up, off the clock: a few recorded steps through fit.
+    model, optimizer = build(device)
+    warmup = list(splits.train.loader(BATCH_SIZE, seed=SEED).iter_epoch(0))
+    recorder = GradientSignRecorder(
+        model, list(LAYERS), samples=splits.train.index.cpu()
+    )
+    fit(model, warmup[:WARMUP_STEPS], optimizer=optimizer, epochs=1, probes=[recorder])
+    del model, optimizer, warmup, recorder
+
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    others: dict[str, list[float]] = {"off": [], "on": []}
+    kept = None
+    for repeat in range(args.repeats):
+        order = ("off", "on") if repeat % 2 == 0 else ("on", "off")
+        for setting in order:
+            seconds, busy, recorder = run(
+                splits, device, args.epochs, record=setting == "on"
+            )
+            times[setting].append(seconds)
+            others[setting].append(busy)
+            if recorder is not None:
+                kept = recorder  # the last one; earlier records are freed
+            del recorder
+        print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
+
+    quiet = {
+        setting: quiet_runs(times[setting], others[setting])
+        for setting in ("off", "on")
+    }
+    use_quiet = all(quiet.values())
+
+    print()
+    print(
+        f"{'recorder':<10} {'min s':>7} {'median s':>9} {'quiet':>6} "
+        f"{'quiet med s':>12}   runs s (others, cores)"
+    )
+    for setting in ("off", "on"):
+        runs = " ".join(
+            f"{t:.2f} ({o:.2f})"
+            for t, o in zip(times[setting], others[setting], strict=True)
+        )
+        quiet_median = (
+            f"{statistics.median(quiet[setting]):12.2f}"
+            if quiet[setting]
+            else f"{'-':>12}"
+        )
+        print(
+            f"{setting:<10} {min(times[setting]):7.2f} "
+            f"{statistics.median(times[setting]):9.2f} "
+            f"{len(quiet[setting]):>2}/{len(times[setting]):<3} {quiet_median}   {runs}"
+        )
+    print(
+        f"others: CPU that other processes used during the run, in cores; quiet: runs "
+        f"with others <= {quiet_limit():g}"
+    )
+    print()
+    basis = quiet if use_quiet else times
+    if use_quiet:
+        print("ratio of the medians of the quiet runs:")
+    else:
+        print(
+            "ratio of the medians of all runs (a setting had no quiet run: the "
+            "machine was busy, rerun when it is calm):"
+        )
+    ratio = statistics.median(basis["on"]) / statistics.median(basis["off"])
+    ratio_min = min(times["on"]) / min(times["off"])
+    verdict = "PASS" if ratio <= TARGET_ON_OVER_OFF else "FAIL"
+    print(
+        f"on / off: {ratio:.3f}x (of minima {ratio_min:.3f}x)   target <= "
+        f"{TARGET_ON_OVER_OFF:g}x   {verdict}"
+    )
+
+    report_memory(kept, args.epochs)
+    print(f"load avg  {load_average()} (end)")
+
+
+if __name__ == "__main__":
+    main()
