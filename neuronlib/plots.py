@@ -35,6 +35,7 @@ the tag is applied).
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -568,12 +569,16 @@ def image_grid(
 def glue_figure(name: str, fig: Figure) -> None:
     """Show a figure once in the notebook and store it for ``{glue:figure}``.
 
-    Inside a Jupyter kernel with ``myst_nb`` importable, the figure is glued with
-    ``myst_nb.glue(name, fig)``, which also displays it as the cell's output.
-    Without ``myst_nb`` (a reader's Jupyter or Colab) it is displayed with
-    ``IPython.display.display``. Outside IPython nothing is displayed, except that
-    a GUI backend shows it with ``plt.show()``. The figure is then closed, so the
-    inline backend does not show it a second time and open figures do not pile up.
+    Inside a Jupyter kernel the figure is rendered to a PNG image first (at twice
+    its dpi, shown at its natural size), so that it shows whatever matplotlib
+    backend is in force: with ``MPLBACKEND=Agg``, for instance, IPython has no
+    formatter for a bare figure and would show only its text ``repr``. With
+    ``myst_nb`` importable the image is glued with ``myst_nb.glue(name, image)``,
+    which also displays it as the cell's output; without it (a reader's Jupyter or
+    Colab) it is displayed with ``IPython.display.display``. Outside IPython
+    nothing is displayed, except that a GUI backend shows it with ``plt.show()``.
+    The figure is then closed, so the inline backend does not show it a second
+    time and open figures do not pile up.
 
     Note:
         In the book, tag the cell ``remove-output``: ``myst_nb`` collects glued
@@ -598,22 +603,36 @@ def glue_figure(name: str, fig: Figure) -> None:
 
     shell = _ipython_shell()
     if shell is not None:
+        image = _png_image(fig)
         try:
             from myst_nb import glue
         except ImportError:
             glue = None
         if glue is not None:
-            glue(name, fig, display=True)
+            glue(name, image, display=True)
         else:
             from IPython.display import display
 
-            display(fig)
+            display(image)
     elif getattr(fig.canvas, "required_interactive_framework", None):
         plt.show()
     else:
         logger.debug("Not in IPython and no GUI backend: figure %r not shown.", name)
 
     plt.close(fig)
+
+
+def _png_image(fig: Figure) -> Any:
+    """Render a figure as an ``IPython.display.Image``, crisp on high-dpi screens."""
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=2 * fig.dpi, bbox_inches="tight")
+    data = buffer.getvalue()
+    # A PNG stores its width in bytes 16-19; show the image at half its pixel width,
+    # the size the figure has on screen.
+    width = int.from_bytes(data[16:20], "big") // 2
+    return Image(data=data, format="png", width=width)
 
 
 def _ipython_shell() -> Any:

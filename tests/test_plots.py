@@ -8,6 +8,7 @@ import types
 import warnings
 from types import SimpleNamespace
 
+import IPython.display
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
@@ -327,11 +328,24 @@ def test_glue_figure_without_myst_nb_displays_once(monkeypatch):
     import IPython.display
 
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
-    fig, _ = plt.subplots()
+    fig, _ = plt.subplots(figsize=(4, 3))
     plots.glue_figure("fig-b", fig)
 
-    assert shown == [fig]
+    assert len(shown) == 1
+    _assert_png_of(shown[0], fig)
     assert plt.get_fignums() == []
+
+
+def _assert_png_of(image, fig):
+    # A PNG image (not the bare figure, which has no formatter under Agg), rendered
+    # at twice the figure's dpi and shown at the figure's size.
+    assert isinstance(image, IPython.display.Image)
+    assert image.format == "png" and image.data[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = int.from_bytes(image.data[16:20], "big")
+    assert image.width == pixels // 2
+    # bbox_inches="tight" trims the white margin, so the image is a little narrower.
+    on_screen = fig.get_figwidth() * fig.dpi
+    assert 0.8 * on_screen <= image.width <= on_screen
 
 
 def test_glue_figure_with_myst_nb_glues_and_displays(monkeypatch):
@@ -340,10 +354,11 @@ def test_glue_figure_with_myst_nb_glues_and_displays(monkeypatch):
     fake.glue = lambda name, obj, display=True: calls.append((name, obj, display))
     monkeypatch.setattr(plots, "_ipython_shell", lambda: object())
     monkeypatch.setitem(sys.modules, "myst_nb", fake)
-    fig, _ = plt.subplots()
+    fig, _ = plt.subplots(figsize=(4, 3))
     plots.glue_figure("fig-c", fig)
 
-    assert calls == [("fig-c", fig, True)]
+    assert [(name, display) for name, _, display in calls] == [("fig-c", True)]
+    _assert_png_of(calls[0][1], fig)
     assert plt.get_fignums() == []
 
 
