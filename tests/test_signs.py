@@ -465,18 +465,39 @@ def test_samples_unseen_in_an_epoch_are_not_recorded():
     assert torch.equal(recorder.recorded("act1")[0, :, 0], torch.arange(24) % 2 == 0)
 
 
-def test_untracked_and_out_of_range_indices_are_ignored():
+def test_untracked_indices_are_ignored():
     model = mlp_model()
     x = torch.randn(4, 12)
     recorder = GradientSignRecorder(model, samples=[5, 7], num_samples=10)
     with recorder:
         recorder.start_epoch(0)
-        recorder.start_batch(torch.tensor([7, 100, -3, 2]))
+        recorder.start_batch(torch.tensor([7, 9, 0, 2]))
         model(x).sum().backward()
         recorder.end_batch()
     codes = recorder.codes("act1")
     assert (codes[0, 0] == 0).all()  # sample 5 not in the batch
     assert (codes[0, 1] != 0).all()  # sample 7 at position 0
+
+
+@pytest.mark.parametrize(
+    "index", [[7, 100, 0, 2], [7, -3, 0, 2]], ids=["beyond-size", "negative"]
+)
+def test_out_of_range_batch_indices_are_a_clear_error(index):
+    model = mlp_model()
+    with GradientSignRecorder(model, samples=[5, 7], num_samples=10) as recorder:
+        recorder.start_epoch(0)
+        with pytest.raises(ValueError, match=r"outside \[0, 10\).*num_samples="):
+            recorder.start_batch(torch.tensor(index))
+
+
+def test_indices_beyond_the_tracked_ones_are_fine_without_num_samples():
+    model = mlp_model()
+    with GradientSignRecorder(model, samples=[1, 2]) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.tensor([2, 50]))
+        model(torch.randn(2, 12)).sum().backward()
+        recorder.end_batch()
+    assert (recorder.codes("act1")[0, 1] != 0).all()
 
 
 def test_signs_and_mask():

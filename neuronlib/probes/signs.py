@@ -520,7 +520,7 @@ class GradientSignRecorder(_SignReader):
 
     Example::
 
-        with GradientSignRecorder(model, num_samples=len(train)) as recorder:
+        with GradientSignRecorder(model, num_samples=60000) as recorder:
             fit(model, train.loader(128), optimizer=opt, epochs=10,
                 probes=[recorder])
         codes = recorder.codes("act1")  # [epochs, samples, neurons]
@@ -614,6 +614,7 @@ class GradientSignRecorder(_SignReader):
         self.layers = _resolve_layers(model, layers)
         self._modules = {name: model.get_submodule(name) for name in self.layers}
         self.sample_index, self._lookup = _sample_lookup(samples, num_samples)
+        self._num_samples = num_samples
         self._every_index = samples is None  # the look-up table is the identity
         self._wants_epoch = _epoch_schedule(epochs)
 
@@ -730,10 +731,13 @@ class GradientSignRecorder(_SignReader):
 
         Args:
             index: ``[B]`` dataset indices of the batch's samples, in batch order.
-                Indices outside the tracked samples are ignored.
+                Indices of samples that are not tracked are ignored.
 
         Raises:
-            ValueError: If ``index`` is None or not one-dimensional.
+            ValueError: If ``index`` is None or not one-dimensional, or holds a
+                negative index or one beyond ``num_samples`` (the dataset size
+                given at construction): such a batch would silently record
+                nothing for those samples.
         """
         if index is None:
             raise ValueError(_NO_INDEX_MESSAGE + ".")
@@ -753,6 +757,16 @@ class GradientSignRecorder(_SignReader):
             return
         size = self._lookup.numel()
         low, high = torch.stack(torch.aminmax(index)).tolist()  # one device sync
+        limit = self._num_samples
+        if low < 0 or (limit is not None and high >= limit):
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"Batch holds dataset index {bad}, outside [0, {limit or 'inf'}) "
+                f"the recorder was built for (num_samples={limit}). Dataset indices "
+                "refer to the full split, also for a subset: pass "
+                "num_samples=len(full_split) (e.g. 55000 for MNIST's train split) "
+                "or samples=subset.index."
+            )
         if self._every_index and low >= 0 and high < size:
             # The usual case: every sample tracked, rows are dataset indices.
             self._arm(_BatchRows(index.numel(), None, index))
