@@ -9,6 +9,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SCALE ?= $(or $(NEURONLIB_SCALE),default)
 BOOK_OUT := _build/$(SCALE)
+# Chapters execute from notebooks/, so a relative data path must become absolute.
+ifneq ($(NEURONLIB_DATA),)
+export NEURONLIB_DATA := $(abspath $(NEURONLIB_DATA))
+endif
 LIB_SOURCES := $(shell find neuronlib -name '*.py')
 
 .PHONY: setup book test clean
@@ -16,6 +20,8 @@ LIB_SOURCES := $(shell find neuronlib -name '*.py')
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "The pinned versions in constraints.txt need Python >= 3.11; run with PYTHON=python3.11 (or newer)."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[book,test]'

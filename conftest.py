@@ -9,3 +9,6 @@ import os
 
 os.environ["NEURONLIB_SCALE"] = os.environ.get("NEURONLIB_TEST_SCALE", "quick")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# nbval runs each notebook from its own folder: make a relative data path absolute.
+if os.environ.get("NEURONLIB_DATA"):
+    os.environ["NEURONLIB_DATA"] = os.path.abspath(os.environ["NEURONLIB_DATA"])
