@@ -720,6 +720,7 @@ def draw_neuron(
     ax_cls.set_xlim(0, 1)
     ax_cls.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax_cls.set_xlabel("share of the class's samples")
+    ax_cls.set_ylabel("class")
     ax_cls.set_title("class composition", fontsize=11)
     ax_cls.grid(axis="y", visible=False)
 
