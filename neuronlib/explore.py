@@ -38,6 +38,7 @@ from matplotlib.ticker import PercentFormatter
 from torch import Tensor
 
 from neuronlib import metrics, plots
+from neuronlib.metrics import shuffle_records
 from neuronlib.probes.signs import NEGATIVE, NOT_RECORDED, POSITIVE, ZERO
 
 __all__ = [
@@ -94,40 +95,6 @@ CONSISTENCY_BIN_LABELS = (
 # --------------------------------------------------------------------- measures
 
 
-def shuffle_records(
-    codes: Tensor, *, generator: torch.Generator | None = None
-) -> Tensor:
-    """Permute the samples of each record independently: the control's codes.
-
-    Each record keeps exactly its signs at every neuron (so each neuron's rates of
-    positive, negative and zero signs, also their drift over training), but a row no
-    longer follows one sample through training. Any structure that a measure finds
-    in the real codes and not in these comes from samples keeping their signs.
-
-    Args:
-        codes: Sign codes ``[R, S, K]`` (records, samples, neurons).
-        generator: Random numbers for the permutations.
-
-    Returns:
-        Codes ``[R, S, K]`` on the same device.
-
-    Raises:
-        ValueError: If ``codes`` has fewer than two dimensions.
-    """
-    if codes.dim() < 2:
-        raise ValueError(
-            f"codes must be [R, S, K] (records, samples, ...), got shape "
-            f"{tuple(codes.shape)}; pass recorder.codes(layer)."
-        )
-    num_samples = codes.shape[1]
-
-    shuffled = [
-        record[torch.randperm(num_samples, generator=generator).to(codes.device)]
-        for record in codes
-    ]
-    return torch.stack(shuffled) if shuffled else codes.clone()
-
-
 def summarise(
     codes: Tensor, *, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
@@ -143,7 +110,7 @@ def summarise(
 
         - ``"consistency"``: float32 ``[S, K]``, :func:`metrics.sign_consistency`;
         - ``"control"``: float32 ``[S, K]``, the same measure on
-          :func:`shuffle_records` of the codes (one random draw);
+          :func:`~neuronlib.metrics.shuffle_records` of the codes (one random draw);
         - ``"expected"``: float32 ``[S, K]``, the binomial control's expectation,
           :func:`metrics.control_consistency`;
         - ``"settle"`` and ``"settle_control"``: int64 ``[S, K]``,

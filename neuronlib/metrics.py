@@ -271,19 +271,46 @@ def control_consistency(
     codes = _check_codes(codes, min_dim=2)
 
     if method == "shuffle":
-        num_samples = codes.shape[1]
-        shuffled = torch.stack(
-            [
-                record[torch.randperm(num_samples, generator=generator)]
-                for record in codes.cpu()
-            ]
-        )
-        return sign_consistency(shuffled).to(codes.device)
+        return sign_consistency(shuffle_records(codes, generator=generator))
 
     positive, negative, _, _ = _sign_counts(codes)
     nonzero = (positive + negative).long().cpu()  # [S, K]
     table = binomial_consistency(_pooled_rate(positive, negative).cpu(), len(codes))
     return table.gather(0, nonzero).float().to(codes.device)
+
+
+def shuffle_records(
+    codes: Tensor, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Permute the samples of each record independently: the control's codes.
+
+    Each record keeps exactly its signs at every neuron (so each neuron's rates of
+    positive, negative and zero signs, also their drift over training), but a row no
+    longer follows one sample through training. Any structure that a measure finds
+    in the real codes and not in these comes from samples keeping their signs.
+
+    Args:
+        codes: Sign codes ``[R, S, K]`` (records, samples, neurons).
+        generator: Random numbers for the permutations.
+
+    Returns:
+        Codes ``[R, S, K]`` on the same device.
+
+    Raises:
+        ValueError: If ``codes`` has fewer than two dimensions.
+    """
+    if codes.dim() < 2:
+        raise ValueError(
+            f"codes must be [R, S, K] (records, samples, ...), got shape "
+            f"{tuple(codes.shape)}; pass recorder.codes(layer)."
+        )
+    num_samples = codes.shape[1]
+
+    shuffled = [
+        record[torch.randperm(num_samples, generator=generator).to(codes.device)]
+        for record in codes
+    ]
+    return torch.stack(shuffled) if shuffled else codes.clone()
 
 
 def settle_record(codes: Tensor) -> Tensor:
