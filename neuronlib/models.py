@@ -33,11 +33,14 @@ POOLS = ("max", "avg")
 
 # Modules that count as weight layers ("depth") and as activations.
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-ACTIVATION_TYPES = (
+# Elementwise nonlinearities: the module whose input is a pre-activation and whose
+# output is an activation (the gradient-sign recorder uses the same list).
+NONLINEARITY_TYPES = (
     nn.ReLU,
+    nn.ReLU6,
     nn.LeakyReLU,
     nn.PReLU,
-    nn.ReLU6,
+    nn.RReLU,
     nn.ELU,
     nn.SELU,
     nn.CELU,
@@ -45,13 +48,18 @@ ACTIVATION_TYPES = (
     nn.SiLU,
     nn.Mish,
     nn.Softplus,
+    nn.Softsign,
     nn.Tanh,
+    nn.Tanhshrink,
     nn.Hardtanh,
     nn.Sigmoid,
+    nn.LogSigmoid,
     nn.Hardsigmoid,
     nn.Hardswish,
-    nn.Identity,
+    nn.Threshold,
 )
+# The builders' activation="linear" puts an nn.Identity where the nonlinearity goes.
+ACTIVATION_TYPES = (*NONLINEARITY_TYPES, nn.Identity)
 
 
 def mlp(

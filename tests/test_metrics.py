@@ -8,14 +8,7 @@ import torch
 from neuronlib import metrics
 from neuronlib.probes.signs import NEGATIVE, NOT_RECORDED, POSITIVE, ZERO
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 R, S, K = 6, 9, 5

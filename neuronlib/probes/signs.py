@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from neuronlib.models import NONLINEARITY_TYPES
+
 logger = logging.getLogger(__name__)
 
 QUANTITIES = ("activation", "pre_activation")
@@ -51,29 +53,7 @@ CODES_PER_BYTE = 4
 
 # Module types taken as activations when neuronlib.models.hidden_layers cannot name
 # the hidden layers of a model (it needs weight layers in a known forward order).
-ACTIVATION_TYPES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanh,
-    nn.Tanhshrink,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.LogSigmoid,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Threshold,
-)
+ACTIVATION_TYPES = NONLINEARITY_TYPES
 
 # Modules that can never be "the nonlinearity of a layer": their input is not a
 # pre-activation. Naming one is almost always a slip for the module after it.
