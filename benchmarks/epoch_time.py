@@ -55,42 +55,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    BATCH_SIZE,
+    LR,
+    MOMENTUM,
+    SEED,
+    WARMUP_STEPS,
+    WIDTHS,
+    build,
+    busy_seconds,
+    load_average,
+    own_seconds,
+    quiet_limit,
+    quiet_runs,
+    synchronize,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from neuronlib import config, models
+from neuronlib import config
 from neuronlib import data as nldata
 from neuronlib.train import fit
 
-SEED = 0
-BATCH_SIZE = 128
-WIDTHS = (1024, 1024)
-LR = 0.01
-MOMENTUM = 0.9
-WARMUP_STEPS = 20
-
 TARGET_DATALOADER_OVER_NEURONLIB = 4.0  # at least
 TARGET_NEURONLIB_OVER_FLOOR = 1.2  # at most
-# A run is quiet when other processes used at most the cores that this one leaves
-# free plus this margin (0.25 cores with torch's 2 threads on 2 cores).
-QUIET_MARGIN = 0.25
-
-
-def build(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A fresh MLP 784-1024-1024-10 from ``SEED`` and its SGD optimizer."""
-    torch.manual_seed(SEED)
-    model = models.mlp((1, 28, 28), WIDTHS, 10).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    return model, optimizer
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device, so that the clock reads finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def torchvision_root() -> Path:
@@ -119,27 +108,6 @@ def torchvision_root() -> Path:
         f"No extracted MNIST entry for {mirror} under {config.cache_dir() / 'data'}; "
         "call neuronlib.data.load('mnist') first."
     )
-
-
-def busy_seconds() -> float | None:
-    """CPU seconds that all processes have spent busy since boot; None if unknown.
-
-    Read from the first line of ``/proc/stat`` (Linux): user, nice, system, irq,
-    softirq and steal time; idle and iowait do not count.
-    """
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - fields[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds() -> float:
-    """CPU seconds used by this process so far, all its threads."""
-    times = os.times()
-    return times.user + times.system
 
 
 def timed(body: Callable[[], None], device: torch.device) -> tuple[float, float]:
@@ -246,26 +214,6 @@ def same_weights(splits: nldata.Splits, batches: list, device: torch.device) -> 
         torch.equal(p, q)
         for p, q in zip(model_a.parameters(), model_c.parameters(), strict=True)
     )
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages (other processes skew timings)."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def quiet_runs(times: list[float], others: list[float]) -> list[float]:
-    """The times of the runs during which others left this process its cores.
-
-    Without ``/proc/stat`` (others is NaN) every run counts as quiet.
-    """
-    limit = quiet_limit()
-    return [t for t, o in zip(times, others, strict=True) if not o > limit]
-
-
-def quiet_limit() -> float:
-    """The most CPU, in cores, that others may use during a quiet run."""
-    free = max((os.cpu_count() or 1) - torch.get_num_threads(), 0)
-    return free + QUIET_MARGIN
 
 
 def print_table(
