@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronlib.probes import GradientSignRecorder, SignRecord
+from neuronlib.probes import signs as signs_module
 from neuronlib.probes.signs import (
     NEGATIVE,
     POSITIVE,
     ZERO,
-    _pack_code_bytes,
+    _pack_signs,
     pack_codes,
     sign_codes,
     unpack_codes,
@@ -28,6 +29,14 @@ BATCH_SIZE = 5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["multiply", "generic"])
+def packing(request, monkeypatch):
+    """Run a test with either of the recorder's two ways of packing signs."""
+    checked = {} if request.param == "multiply" else {"cpu": False}
+    monkeypatch.setattr(signs_module, "_gather_checked", checked)
+    return request.param
 
 
 # --- models
@@ -258,7 +267,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_recorded_signs_equal_autograd_signs(case):
+def test_recorded_signs_equal_autograd_signs(case, packing):
     torch.manual_seed(0)
     dtype = case.get("dtype", torch.float32)
     model = case["build"]().to(dtype)
@@ -392,11 +401,29 @@ def test_sign_codes_are_sign_plus_two(dtype):
 
 
 @pytest.mark.parametrize("num_bytes", [1, 3, 8])
-def test_packing_of_code_bytes_equals_packing_of_codes(num_bytes):
-    codes = torch.randint(0, 4, (5, 4 * num_bytes), dtype=torch.uint8)
-    want = pack_codes(codes)
-    assert torch.equal(_pack_code_bytes(codes.to(torch.int8)), want)
-    assert torch.equal(_pack_code_bytes(codes), want)
+def test_packing_signs_equals_packing_their_codes(num_bytes, packing):
+    signs = torch.randint(-1, 3, (5, 4 * num_bytes), dtype=torch.int8)  # 2: padding
+    code_of_sign = torch.tensor([NEGATIVE, ZERO, POSITIVE, 0], dtype=torch.uint8)
+    want = pack_codes(code_of_sign[signs.long() + 1])
+    assert torch.equal(_pack_signs(signs), want)
+    assert signs_module._gather_checked["cpu"] == (packing == "multiply")
+
+
+def test_packing_by_multiplication_is_checked_before_it_is_used(monkeypatch):
+    monkeypatch.setattr(signs_module, "_gather_checked", {})
+    assert signs_module._gather_works(torch.device("cpu"))  # little-endian, wraps
+
+    # A device whose multiplication does not wrap around gets the generic packing.
+    def saturating(signs, *buffers):
+        return torch.full(signs.view(torch.int32).shape, 255, dtype=torch.uint8)
+
+    monkeypatch.setattr(signs_module, "_gather_checked", {})
+    monkeypatch.setattr(signs_module, "_gather_pack", saturating)
+    signs = torch.tensor([[-1, 0, 1, 2, 1, 1, -1, 0]], dtype=torch.int8)
+    assert _pack_signs(signs).tolist() == [
+        [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 4 | 2 << 6]
+    ]
+    assert signs_module._gather_checked == {"cpu": False}
 
 
 def test_memory_is_two_bits_per_sample_neuron_record():

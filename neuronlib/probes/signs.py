@@ -137,31 +137,90 @@ def unpack_codes(packed: Tensor, num_neurons: int) -> Tensor:
     return codes.reshape(*packed.shape[:-1], width)[..., :num_neurons]
 
 
-def _pack_code_bytes(codes: Tensor) -> Tensor:
-    """:func:`pack_codes` for ``[N, 4 * J]`` contiguous codes, in a few passes.
+# A padding column of the scratch buffer holds this "sign": its code is NOT_RECORDED.
+_PAD_SIGN = 2
+# Multiplying a 32-bit word whose four bytes are codes below 4 by _GATHER puts code t
+# of the word at bits 24 + 2t: of the sixteen partial products, the four wanted ones
+# land there, the six from higher bytes overflow past bit 31, and the six from lower
+# bytes stay below bit 24 without carrying into it (their sum is below 2**24).
+_GATHER = (1 << 24) | (1 << 18) | (1 << 12) | (1 << 6)
+_LOW_TWO_BITS = 0x03030303  # the two low bits of each byte of a word
+_FLIP_HIGH_BITS = 0b10101010  # xor of every code of a packed byte with 2
+_gather_checked: dict[str, bool] = {}
 
-    Four code bytes read as one little-endian ``int32`` hold code ``t`` at bit
-    ``8t``; or-ing the word shifted right by 6, 12 and 18 brings code ``t`` to bit
-    ``2t``, and the low byte is the packed byte. This is the recorder's hot path:
-    six integer operations on a quarter as many words as codes, where
-    :func:`pack_codes` reads strided slices.
+
+def _codes_of_signs(signs: Tensor) -> Tensor:
+    """Turn ``int8`` signs into codes.
+
+    ``(sign & 3) ^ 2`` maps -1, 0, +1 and ``_PAD_SIGN`` (2) to :data:`NEGATIVE`,
+    :data:`ZERO`, :data:`POSITIVE` and :data:`NOT_RECORDED`.
+    """
+    return ((signs & 3) ^ 2).view(torch.uint8)
+
+
+def _gather_pack(
+    signs: Tensor, words: Tensor | None = None, packed: Tensor | None = None
+) -> Tensor:
+    """:func:`_pack_signs` by multiplication; see :func:`_gather_works`."""
+    words = torch.bitwise_and(  # (sign & 3) in every byte
+        signs.view(torch.int32), _LOW_TWO_BITS, out=words
+    )
+    words *= _GATHER  # wraps around: only bits 24 to 31 are kept
+    if packed is None:
+        packed = torch.empty(words.shape, dtype=torch.uint8, device=words.device)
+    torch.bitwise_right_shift(words, 24, out=packed)  # keeps the low byte
+    # (sign & 3) ^ 2 is the code, and xor commutes with moving bits.
+    packed ^= _FLIP_HIGH_BITS
+    return packed
+
+
+def _gather_works(device: torch.device) -> bool:
+    """Whether ``_gather_pack`` gives ``pack_codes``'s bytes on this kind of device.
+
+    It relies on little-endian words and on 32-bit integer multiplication that wraps
+    around; both are checked once per device type, on every combination of four
+    codes.
+    """
+    works = _gather_checked.get(device.type)
+    if works is None:
+        combos = torch.cartesian_prod(*[torch.tensor([-1, 0, 1, _PAD_SIGN])] * 4)
+        signs = combos.to(torch.int8).reshape(1, -1)
+        want = pack_codes(_codes_of_signs(signs))
+        try:
+            got = _gather_pack(signs.to(device)).cpu()
+            works = sys.byteorder == "little" and torch.equal(got, want)
+        except RuntimeError as error:  # an operation the device lacks
+            logger.debug("packing by multiplication unavailable: %s", error)
+            works = False
+        _gather_checked[device.type] = works
+    return works
+
+
+def _pack_signs(
+    signs: Tensor, words: Tensor | None = None, packed: Tensor | None = None
+) -> Tensor:
+    """Pack signs into two-bit codes, four to a byte, as :func:`pack_codes` does.
+
+    This is the recorder's hot path. Where the device allows (see
+    :func:`_gather_works`), each 32-bit word of four signs becomes its packed byte
+    in four integer passes (mask, multiply, shift, xor) over a quarter as many
+    words as signs; otherwise the codes go through :func:`pack_codes`.
 
     Args:
-        codes: ``int8`` or ``uint8`` codes in ``0..3``, ``[N, 4 * J]``.
+        signs: ``int8`` ``[N, 4 * J]``, contiguous: -1, 0 or +1, or
+            ``_PAD_SIGN`` (2) in columns that pad a layer to whole bytes.
+        words: Optional ``int32`` ``[N, J]`` scratch space, reused between calls
+            (allocating large temporaries at every batch costs more than
+            computing them on the CPU).
+        packed: Optional ``uint8`` ``[N, J]`` tensor to write the result to.
 
     Returns:
-        ``uint8`` ``[N, J]``.
+        ``uint8`` ``[N, J]``: ``packed`` when it is given.
     """
-    if sys.byteorder != "little":
-        return pack_codes(codes.to(torch.uint8))
-    words = codes.view(torch.int32)
-    packed = words >> 6
-    packed |= words
-    shifted = words >> 12
-    shifted |= packed
-    packed = words >> 18
-    packed |= shifted
-    return packed.to(torch.uint8)  # keeps the low 8 bits
+    if _gather_works(signs.device):
+        return _gather_pack(signs, words, packed)
+    result = pack_codes(_codes_of_signs(signs))
+    return result if packed is None else packed.copy_(result)
 
 
 def reduce_channels(grad: Tensor, how: str = "sum") -> Tensor:
@@ -471,6 +530,55 @@ class _Segment:
         return -(-self.num_neurons // CODES_PER_BYTE)
 
 
+class _Scratch:
+    """The buffers of the recorder's hot path, kept from batch to batch.
+
+    Allocating large temporaries at every batch costs about as much as computing
+    them on the CPU (fresh pages have to be zeroed by the system), and on a busy
+    step every extra operator call costs tens of microseconds; so the tensors and
+    the views that the hooks and the packing write to are made once per batch
+    size. ``signs`` holds one row of signs per sample, every layer and quantity
+    side by side (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for
+    each layer and quantity, ``words`` and ``packed`` the packing's scratch and
+    result, and ``sign_out`` the output of ``torch.sign`` for each gradient
+    shape and dtype.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        segments: Mapping[tuple[str, str], _Segment],
+        row_bytes: int,
+        device: torch.device,
+    ):
+        self.rows = rows
+        self.device = device
+        # Columns that pad a layer to whole bytes keep _PAD_SIGN, whose code is
+        # NOT_RECORDED; the others are overwritten batch by batch.
+        self.signs = torch.full(
+            (rows, row_bytes * CODES_PER_BYTE),
+            _PAD_SIGN,
+            dtype=torch.int8,
+            device=device,
+        )
+        self.columns = {
+            key: self.signs[:, segment.column : segment.column + segment.num_neurons]
+            for key, segment in segments.items()
+        }
+        self.words = torch.empty((rows, row_bytes), dtype=torch.int32, device=device)
+        self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
+        self.sign_out: dict[tuple[torch.Size, torch.dtype], Tensor] = {}
+
+    def sign_of(self, grad: Tensor) -> Tensor:
+        """``torch.sign(grad)``, written to a tensor kept for this shape and dtype."""
+        key = (grad.shape, grad.dtype)
+        out = self.sign_out.get(key)
+        if out is None:
+            out = torch.empty(grad.shape, dtype=grad.dtype, device=self.device)
+            self.sign_out[key] = out
+        return torch.sign(grad, out=out)
+
+
 class GradientSignRecorder(_SignReader):
     """Record signs of dLoss/dActivation and dLoss/dPre-activation during training.
 
@@ -483,10 +591,11 @@ class GradientSignRecorder(_SignReader):
     No extra forward or backward pass runs.
 
     The hot path is kept short: during backpropagation each tensor hook only
-    writes the codes of its gradient's signs, one byte each, into a scratch buffer
-    (``int8`` ``[B, K]`` per layer and quantity, reused from batch to batch); at
-    the end of the batch a few integer operations pack the whole batch, every
-    layer and quantity at once, and one row copy moves it into the record. A
+    writes its gradient's signs, one byte each, into a scratch buffer (``int8``
+    ``[B, K]`` per layer and quantity, reused from batch to batch); at the end of
+    the batch four integer operations turn the signs of the whole batch, every
+    layer and quantity at once, into packed codes, and one row copy moves them
+    into the record. A
     record is one ``uint8`` tensor ``[S, bytes]`` that holds, side by side, the
     packed codes of every layer and quantity; :meth:`packed` cuts out one of them.
     Besides the records, the recorder keeps only that scratch buffer
@@ -609,12 +718,13 @@ class GradientSignRecorder(_SignReader):
         self._segments: dict[tuple[str, str], _Segment] | None = None
         self._row_bytes = 0
         self._records: list[Tensor] = []  # one [S, row bytes] uint8 per record
+        self._record_words: list[Tensor] = []  # the same, viewed as wider words
         self._record_epochs: list[int] = []
         self._recording = False
         self._batch: _BatchRows | None = None  # armed for the coming forward pass
         self._pending: _BatchRows | None = None  # batch whose signs are staged
         self._written: set[tuple[str, str]] = set()
-        self._staging: Tensor | None = None
+        self._scratch: _Scratch | None = None
         # Where the model computes, read at each epoch start (reading it off the
         # parameters at every batch would cost more than the recording).
         self._where = (self._device(), self._dtype())
@@ -736,7 +846,7 @@ class GradientSignRecorder(_SignReader):
         if index.numel() == 0:
             return
         size = self._lookup.numel()
-        low, high = torch.stack(torch.aminmax(index)).tolist()  # one device sync
+        low, high = _index_bounds(index)
         limit = self._num_samples
         if low < 0 or (limit is not None and high >= limit):
             bad = low if low < 0 else high
@@ -747,20 +857,21 @@ class GradientSignRecorder(_SignReader):
                 "num_samples=len(full_split) (e.g. 55000 for MNIST's train split) "
                 "or samples=subset.index."
             )
-        if self._every_index and low >= 0 and high < size:
+        if self._every_index and high < size:
             # The usual case: every sample tracked, rows are dataset indices.
             self._arm(_BatchRows(index.numel(), None, index))
             return
 
         lookup = self._on(device, ("lookup",), self._lookup)
-        inside = (index >= 0) & (index < size)
-        rows = lookup[index.clamp(0, size - 1)]
-        rows = torch.where(inside, rows, torch.full_like(rows, -1))
-        tracked = rows >= 0
-        if bool(tracked.all()):
+        if high < size:
+            rows = lookup[index]
+        else:  # without num_samples, indices beyond the tracked ones may come
+            rows = lookup[index.clamp(max=size - 1)]
+            rows = torch.where(index < size, rows, torch.full_like(rows, -1))
+        if _index_bounds(rows)[0] >= 0:  # every sample of the batch is tracked
             self._arm(_BatchRows(index.numel(), None, rows))
         else:
-            select = tracked.nonzero().squeeze(1)
+            select = (rows >= 0).nonzero().squeeze(1)
             if select.numel():
                 self._arm(_BatchRows(index.numel(), select, rows[select]))
 
@@ -953,27 +1064,29 @@ class GradientSignRecorder(_SignReader):
         if self._segments is None:
             return
         shape = (self.sample_index.numel(), self._row_bytes)
+        # Whole rows are copied as 8-, 4- or 2-byte words where the row length
+        # allows: the copy then moves up to 8 times fewer elements.
+        word = _word_dtype(self._row_bytes)
         while len(self._records) < len(self._record_epochs):
-            self._records.append(torch.zeros(shape, dtype=torch.uint8, device=device))
+            record = torch.zeros(shape, dtype=torch.uint8, device=device)
+            self._records.append(record)
+            self._record_words.append(record.view(word))
 
     def _arm(self, batch: _BatchRows) -> None:
         """Arm for ``batch``: hooks of the coming forward pass write to scratch."""
         self._batch = self._pending = batch
         self._written = set()
         if self._segments is not None:
-            self._prepare_staging(batch.size)
+            self._prepare_scratch(batch.size)
 
-    def _prepare_staging(self, rows: int) -> Tensor:
-        """The scratch buffer, with room for ``rows`` samples."""
-        staging = self._staging
+    def _prepare_scratch(self, rows: int) -> _Scratch:
+        """The hot path's buffers, with room for ``rows`` samples."""
+        scratch = self._scratch
         device = self._where[0]
-        if staging is None or staging.shape[0] < rows or staging.device != device:
-            # Columns that pad a layer to whole bytes keep code 0, NOT_RECORDED;
-            # the others are overwritten batch by batch.
-            shape = (rows, self._row_bytes * CODES_PER_BYTE)
-            staging = torch.zeros(shape, dtype=torch.int8, device=device)
-            self._staging = staging
-        return staging
+        if scratch is None or scratch.rows < rows or scratch.device != device:
+            scratch = _Scratch(rows, self._segments, self._row_bytes, device)
+            self._scratch = scratch
+        return scratch
 
     def _flush(self) -> None:
         """Pack the staged signs of the pending batch into the current record."""
@@ -982,15 +1095,17 @@ class GradientSignRecorder(_SignReader):
         if batch is None or not written or self._segments is None:
             return
 
+        scratch = self._scratch
+        signs, words, packed = scratch.signs, scratch.words, scratch.packed
         count = batch.rows.numel()
-        packed = _pack_code_bytes(self._staging[:count])  # [count, row bytes]
-        record = self._records[-1]
+        if count != scratch.rows:
+            signs, words, packed = signs[:count], words[:count], packed[:count]
+        packed = _pack_signs(signs, words, packed)  # [count, row bytes]
         if len(written) == len(self._segments):
-            # Whole rows, as 8-, 4- or 2-byte words where the row length allows:
-            # the copy then moves up to 8 times fewer elements.
-            word = _word_dtype(self._row_bytes)
-            record.view(word).index_copy_(0, batch.rows, packed.view(word))
+            word = self._record_words[-1]
+            word.index_copy_(0, batch.rows, packed.view(word.dtype))
             return
+        record = self._records[-1]
         for key in written:  # some layer or quantity got no gradient
             segment = self._segments[key]
             columns = slice(segment.byte, segment.byte + segment.num_bytes)
@@ -1062,8 +1177,8 @@ class GradientSignRecorder(_SignReader):
 
         return forward_hook
 
-    def _first_staging(self, rows: int) -> Tensor:
-        """The scratch buffer, for a model whose widths were learnt just now."""
+    def _first_scratch(self, rows: int) -> _Scratch:
+        """The hot path's buffers, for a model whose widths were learnt just now."""
         self._fix_layout()
         if self._segments is None:
             missing = [n for n in self.layers if n not in self.neuron_index]
@@ -1071,15 +1186,15 @@ class GradientSignRecorder(_SignReader):
                 f"Layers {missing} did not run in the forward pass; record only "
                 "activation modules that run in every training step."
             )
-        return self._prepare_staging(rows)
+        return self._prepare_scratch(rows)
 
     def _stage(self, key: tuple[str, str], batch: _BatchRows, grad: Tensor) -> None:
         """Tensor hook: write the signs of one layer's gradient to scratch."""
         if batch is not self._pending:  # its batch was already written
             return
-        staging = self._staging
-        if staging is None or staging.shape[0] < batch.size:
-            staging = self._first_staging(batch.size)
+        scratch = self._scratch
+        if scratch is None or scratch.rows < batch.size:
+            scratch = self._first_scratch(batch.size)
         segment = self._segments[key]
 
         if batch.select is not None:
@@ -1089,10 +1204,16 @@ class GradientSignRecorder(_SignReader):
             grad = grad.index_select(1, self._on(grad.device, segment.layer, neurons))
         if grad.dim() > 2:
             grad = reduce_channels(grad, self.conv_reduce)
-        columns = slice(segment.column, segment.column + segment.num_neurons)
-        # The codes are the signs plus two (see sign_codes).
-        staging[: grad.shape[0], columns].copy_(torch.sign(grad).add_(2))
+        columns = scratch.columns[key]
+        if grad.shape[0] != scratch.rows:
+            columns = columns[: grad.shape[0]]
+        # Signs, not codes: _pack_signs turns them into codes while packing.
+        columns.copy_(scratch.sign_of(grad))
         self._written.add(key)
+        if len(self._written) == len(self._segments):
+            # The batch's last gradient: pack now, while the buffer is in the
+            # cache, rather than after the optimizer step has pushed it out.
+            self._flush()
 
 
 def _word_dtype(num_bytes: int) -> torch.dtype:
@@ -1283,6 +1404,20 @@ def _infer_width(model: nn.Module, name: str) -> int | None:
         if not isinstance(module, (*_WIDTH_PRESERVING, *ACTIVATION_TYPES)):
             return None
     return None
+
+
+def _index_bounds(index: Tensor) -> tuple[int, int]:
+    """The smallest and the largest entry of a non-empty integer tensor.
+
+    On the CPU NumPy reads them without a torch operator call (each costs tens of
+    microseconds in the middle of a training step); elsewhere it is one device
+    sync.
+    """
+    if index.device.type == "cpu":
+        values = index.numpy()
+        return int(values.min()), int(values.max())
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    return low, high
 
 
 def _batch_index(batch: Any) -> Any:
