@@ -441,6 +441,63 @@ def test_memory_is_two_bits_per_sample_neuron_record():
     assert recorder.snapshot().nbytes == recorder.nbytes
 
 
+def _recorded_mlp(samples, neurons):
+    torch.manual_seed(0)
+    model = mlp_model(widths=(8, 7))
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(
+        model, samples=samples, num_samples=NUM_SAMPLES, neurons=neurons
+    )
+    with recorder:
+        for epoch in range(2):
+            recorder.start_epoch(epoch)
+            for begin in range(0, NUM_SAMPLES, BATCH_SIZE):
+                index = torch.arange(begin, min(begin + BATCH_SIZE, NUM_SAMPLES))
+                recorder.start_batch(index)
+                model.zero_grad()
+                F.cross_entropy(model(x[index]), y[index]).backward()
+                recorder.end_batch()
+    return recorder
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["recorder", "record"])
+def test_reading_chosen_samples_and_neurons_equals_slicing_the_whole(snapshot):
+    samples = [3, 17, 0, 9, 21]
+    neurons = {"act1": [5, 1, 7, 2, 6], "act2": [0, 2, 4, 6]}
+    recorder = _recorded_mlp(samples, neurons)
+    reader = recorder.snapshot() if snapshot else recorder
+    for layer, quantity in [("act1", "activation"), ("act2", "pre_activation")]:
+        whole = reader.codes(layer, quantity)
+        assert set(whole.unique().tolist()) >= {NEGATIVE, POSITIVE}
+        rows = [samples.index(i) for i in (21, 3, 9)]
+        wanted = neurons[layer][::-1][:3]  # crosses byte boundaries, reversed
+        columns = [neurons[layer].index(k) for k in wanted]
+        got = reader.codes(layer, quantity, samples=[21, 3, 9], neurons=wanted)
+        assert torch.equal(got, whole[:, rows][:, :, columns])
+        assert torch.equal(
+            reader.signs(layer, quantity, neurons=wanted),
+            reader.signs(layer, quantity)[:, :, columns],
+        )
+        recorded = reader.recorded(layer, quantity, samples=[0])
+        assert recorded.shape == (2, 1, len(neurons[layer]))
+        assert recorded.all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"samples": [3, 4]}, "sample 4 was not tracked.*sample_index"),
+        ({"neurons": [1, 3]}, "neuron of layer 'act1' 3 was not tracked"),
+        ({"neurons": [[1]]}, "1-D sequence"),
+        ({"samples": [3, 3]}, "repeated"),
+    ],
+)
+def test_reading_untracked_samples_or_neurons_is_refused(kwargs, match):
+    recorder = _recorded_mlp([3, 17, 0], {"act1": [5, 1, 7], "act2": [0, 2]})
+    with pytest.raises(ValueError, match=match):
+        recorder.codes("act1", **kwargs)
+
+
 def test_width_not_multiple_of_four_rounds_up_to_whole_bytes():
     model = mlp_model()  # act2 has 7 neurons
     recorder = GradientSignRecorder(model, ["act2"], num_samples=NUM_SAMPLES)

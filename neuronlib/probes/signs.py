@@ -296,56 +296,100 @@ class _SignReader:
         self._check_key(layer, quantity)
         return self._packed_of(layer, quantity)
 
-    def codes(self, layer: str, quantity: str = "activation") -> Tensor:
+    def codes(
+        self,
+        layer: str,
+        quantity: str = "activation",
+        *,
+        samples: Tensor | Sequence[int] | None = None,
+        neurons: Tensor | Sequence[int] | None = None,
+    ) -> Tensor:
         """Return the unpacked sign codes of one layer and quantity.
 
         Args:
             layer: A recorded layer (the name of its activation module).
             quantity: ``"activation"`` or ``"pre_activation"``.
+            samples: Dataset indices of tracked samples to read, in the order
+                wanted; None reads every tracked sample (:attr:`sample_index`).
+            neurons: Indices of tracked neurons (channels) of ``layer`` to read;
+                None reads every tracked one (``neuron_index[layer]``). Only the
+                chosen codes are unpacked.
 
         Returns:
             ``uint8`` ``[R, S, K]`` on the CPU with :data:`NOT_RECORDED` (0),
-            :data:`NEGATIVE` (1), :data:`ZERO` (2) or :data:`POSITIVE` (3); rows
-            follow :attr:`sample_index`, columns ``neuron_index[layer]``.
+            :data:`NEGATIVE` (1), :data:`ZERO` (2) or :data:`POSITIVE` (3), for
+            ``R`` records, the ``S`` samples and the ``K`` neurons asked for (by
+            default rows follow :attr:`sample_index`, columns
+            ``neuron_index[layer]``).
 
         Raises:
-            ValueError: If the layer or the quantity was not recorded.
+            ValueError: If the layer or the quantity was not recorded, or a sample
+                or neuron asked for was not tracked.
         """
         packed = self.packed(layer, quantity)
-        return unpack_codes(packed, int(self.neuron_index[layer].numel()))
+        if samples is not None:
+            rows = _positions(self.sample_index, samples, "sample", "sample_index")
+            packed = packed.index_select(1, rows)
+        tracked = self.neuron_index[layer]
+        if neurons is None:
+            return unpack_codes(packed, int(tracked.numel()))
+        where = f"neuron_index[{layer!r}]"
+        columns = _positions(tracked, neurons, f"neuron of layer {layer!r}", where)
+        shifts = (2 * (columns % CODES_PER_BYTE)).to(torch.uint8)
+        return (packed.index_select(2, columns // CODES_PER_BYTE) >> shifts) & 3
 
-    def signs(self, layer: str, quantity: str = "activation") -> Tensor:
+    def signs(
+        self,
+        layer: str,
+        quantity: str = "activation",
+        *,
+        samples: Tensor | Sequence[int] | None = None,
+        neurons: Tensor | Sequence[int] | None = None,
+    ) -> Tensor:
         """Return the recorded signs as numbers.
 
         Args:
             layer: A recorded layer (the name of its activation module).
             quantity: ``"activation"`` or ``"pre_activation"``.
+            samples: Tracked samples to read, as in :meth:`codes`.
+            neurons: Tracked neurons to read, as in :meth:`codes`.
 
         Returns:
             ``int8`` ``[R, S, K]``: ``+1``, ``-1`` or ``0``. Not-recorded entries are
             ``0`` as well; :meth:`recorded` tells them apart.
 
         Raises:
-            ValueError: If the layer or the quantity was not recorded.
+            ValueError: As :meth:`codes`.
         """
         lookup = torch.tensor([0, -1, 0, 1], dtype=torch.int8)
-        return lookup[self.codes(layer, quantity).long()]
+        codes = self.codes(layer, quantity, samples=samples, neurons=neurons)
+        return lookup[codes.long()]
 
-    def recorded(self, layer: str, quantity: str = "activation") -> Tensor:
+    def recorded(
+        self,
+        layer: str,
+        quantity: str = "activation",
+        *,
+        samples: Tensor | Sequence[int] | None = None,
+        neurons: Tensor | Sequence[int] | None = None,
+    ) -> Tensor:
         """Return which entries hold a sign.
 
         Args:
             layer: A recorded layer (the name of its activation module).
             quantity: ``"activation"`` or ``"pre_activation"``.
+            samples: Tracked samples to read, as in :meth:`codes`.
+            neurons: Tracked neurons to read, as in :meth:`codes`.
 
         Returns:
             ``bool`` ``[R, S, K]``, False where the sample was not seen in the
             record's epoch.
 
         Raises:
-            ValueError: If the layer or the quantity was not recorded.
+            ValueError: As :meth:`codes`.
         """
-        return self.codes(layer, quantity) != NOT_RECORDED
+        codes = self.codes(layer, quantity, samples=samples, neurons=neurons)
+        return codes != NOT_RECORDED
 
     @property
     def nbytes(self) -> int:
@@ -592,14 +636,15 @@ class GradientSignRecorder(_SignReader):
 
     The hot path is kept short: during backpropagation each tensor hook only
     writes its gradient's signs, one byte each, into a scratch buffer (``int8``
-    ``[B, K]`` per layer and quantity, reused from batch to batch); at the end of
-    the batch four integer operations turn the signs of the whole batch, every
-    layer and quantity at once, into packed codes, and one row copy moves them
-    into the record. A
-    record is one ``uint8`` tensor ``[S, bytes]`` that holds, side by side, the
-    packed codes of every layer and quantity; :meth:`packed` cuts out one of them.
-    Besides the records, the recorder keeps only that scratch buffer
-    (``B * sum(K)`` bytes per quantity).
+    ``[B, K]`` per layer and quantity, reused from batch to batch); when the
+    batch's last gradient has arrived (or at the end of the batch, if a layer got
+    none), four integer operations turn the signs of the whole batch, every layer
+    and quantity at once, into packed codes, and one row copy moves them into the
+    record. A record is one ``uint8`` tensor ``[S, bytes]`` that holds, side by
+    side, the packed codes of every layer and quantity; :meth:`packed` cuts out
+    one of them. Besides the records, the recorder keeps only its scratch
+    tensors: about ``2.25 * B * sum(K)`` bytes over all layers and quantities,
+    plus one gradient-sized tensor per gradient shape for ``torch.sign``'s output.
 
     It follows the probe protocol of :func:`neuronlib.train.fit`: pass it in
     ``probes=`` and it records on the epochs it is asked to. Batches must carry
@@ -1301,6 +1346,28 @@ def _as_index(values: Any, what: str) -> Tensor:
     if torch.unique(index).numel() != index.numel():
         raise ValueError(f"{what} has repeated indices; pass each index once.")
     return index
+
+
+def _positions(index: Tensor, wanted: Any, what: str, attribute: str) -> Tensor:
+    """Where each entry of ``wanted`` sits in ``index``, a 1-D tensor of distinct ints.
+
+    Raises:
+        ValueError: If ``wanted`` is not a 1-D sequence of distinct non-negative
+            integers, or holds a value that ``index`` lacks.
+    """
+    wanted = _as_index(wanted, f"{what.split()[0]}s")
+    order = torch.argsort(index)
+    ordered = index[order]
+    slots = torch.searchsorted(ordered, wanted).clamp(max=index.numel() - 1)
+    found = ordered[slots] == wanted
+    if not bool(found.all()):
+        missing = int(wanted[~found][0])
+        raise ValueError(
+            f"The {what} {missing} was not tracked, so it has no codes; the "
+            f"{index.numel()} tracked ones are in .{attribute} (choose samples and "
+            "neurons to track when building the recorder)."
+        )
+    return order[slots]
 
 
 def _sample_lookup(
