@@ -487,7 +487,10 @@ def test_reading_chosen_samples_and_neurons_equals_slicing_the_whole(snapshot):
     ("kwargs", "match"),
     [
         ({"samples": [3, 4]}, "sample 4 was not tracked.*sample_index"),
-        ({"neurons": [1, 3]}, "neuron of layer 'act1' 3 was not tracked"),
+        (
+            {"neurons": [1, 3]},
+            r"neuron 3 of layer 'act1' was not tracked.*neuron_index",
+        ),
         ({"neurons": [[1]]}, "1-D sequence"),
         ({"samples": [3, 3]}, "repeated"),
     ],
@@ -496,6 +499,82 @@ def test_reading_untracked_samples_or_neurons_is_refused(kwargs, match):
     recorder = _recorded_mlp([3, 17, 0], {"act1": [5, 1, 7], "act2": [0, 2]})
     with pytest.raises(ValueError, match=match):
         recorder.codes("act1", **kwargs)
+
+
+def test_recording_under_create_graph_matches_autograd():
+    torch.manual_seed(0)
+    model = mlp_model(nn.Tanh)
+    x, y = data_for(model)
+    index = torch.arange(BATCH_SIZE)
+    want = reference_grads(
+        non_inplace_twin(model), ["act1", "act2"], x[index], y[index]
+    )
+    with GradientSignRecorder(model, num_samples=NUM_SAMPLES) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(index)
+        # As a gradient penalty does: the gradients handed to the hooks need grad.
+        loss = F.cross_entropy(model(x[index]), y[index])
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        recorder.end_batch()
+    for (layer, quantity), grad in want.items():
+        got = recorder.codes(layer, quantity, samples=index)[0]
+        assert torch.equal(got, sign_codes(grad)), (layer, quantity)
+
+
+def test_a_second_backward_pass_of_a_batch_overwrites_the_first():
+    torch.manual_seed(0)
+    model = mlp_model(nn.Tanh)
+    x, y = data_for(model)
+    index = torch.arange(BATCH_SIZE)
+    twin = non_inplace_twin(model)
+    first = reference_grads(twin, ["act1", "act2"], x[index], y[index])
+    second = reference_grads(twin, ["act1", "act2"], x[index], (y[index] + 1) % 3)
+    with GradientSignRecorder(model, num_samples=NUM_SAMPLES) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(index)
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        F.cross_entropy(model(x[index]), (y[index] + 1) % 3).backward()
+        recorder.end_batch()
+    differs = False
+    for key, grad in second.items():
+        got = recorder.codes(*key, samples=index)[0]
+        assert torch.equal(got, sign_codes(grad)), key
+        differs |= not torch.equal(got, sign_codes(first[key]))
+    assert differs  # not vacuous: the two passes give different signs
+
+
+def test_scratch_does_not_grow_with_the_tracked_samples_per_batch():
+    # Batches of 5 hold 2 or 3 of the tracked (even) samples: two row counts.
+    recorder = _recorded_mlp(list(range(0, NUM_SAMPLES, 2)), None)
+    widths = {recorder.neuron_index[layer].numel() for layer in recorder.layers}
+    assert len(recorder._scratch.sign_out) == len(widths)
+
+
+def test_uint8_batch_indices_are_dataset_indices_not_a_mask():
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    samples = [1, 2, 4, 5, 7]
+    index = torch.tensor([7, 3, 4, 0, 2])
+    recorders = [
+        GradientSignRecorder(model, samples=samples, num_samples=NUM_SAMPLES)
+        for _ in range(2)
+    ]
+    for recorder, dtype in zip(recorders, (torch.int64, torch.uint8), strict=True):
+        recorder.attach()
+        recorder.start_epoch(0)
+        recorder.start_batch(index.to(dtype))
+    F.cross_entropy(model(x[index]), y[index]).backward()
+    for recorder in recorders:
+        recorder.end_batch()
+        recorder.remove()
+    want, got = (r.codes("act1") for r in recorders)
+    assert torch.equal(got, want)
+    # Samples 1 and 5 (rows 0 and 3) are not in the batch; 7, 4 and 2 are.
+    assert (want[0, [0, 3]] == 0).all() and (want[0, [1, 2, 4]] != 0).all()
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        recorders[0].start_epoch(1)
+        recorders[0].start_batch(torch.tensor([True, False]))
 
 
 def test_width_not_multiple_of_four_rounds_up_to_whole_bytes():

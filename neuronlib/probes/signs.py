@@ -328,13 +328,20 @@ class _SignReader:
         """
         packed = self.packed(layer, quantity)
         if samples is not None:
-            rows = _positions(self.sample_index, samples, "sample", "sample_index")
+            rows = _positions(
+                self.sample_index, samples, "samples", "sample {}", "sample_index"
+            )
             packed = packed.index_select(1, rows)
         tracked = self.neuron_index[layer]
         if neurons is None:
             return unpack_codes(packed, int(tracked.numel()))
-        where = f"neuron_index[{layer!r}]"
-        columns = _positions(tracked, neurons, f"neuron of layer {layer!r}", where)
+        columns = _positions(
+            tracked,
+            neurons,
+            "neurons",
+            f"neuron {{}} of layer {layer!r}",
+            f"neuron_index[{layer!r}]",
+        )
         shifts = (2 * (columns % CODES_PER_BYTE)).to(torch.uint8)
         return (packed.index_select(2, columns // CODES_PER_BYTE) >> shifts) & 3
 
@@ -580,12 +587,13 @@ class _Scratch:
     Allocating large temporaries at every batch costs about as much as computing
     them on the CPU (fresh pages have to be zeroed by the system), and on a busy
     step every extra operator call costs tens of microseconds; so the tensors and
-    the views that the hooks and the packing write to are made once per batch
-    size. ``signs`` holds one row of signs per sample, every layer and quantity
-    side by side (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for
-    each layer and quantity, ``words`` and ``packed`` the packing's scratch and
-    result, and ``sign_out`` the output of ``torch.sign`` for each gradient
-    shape and dtype.
+    the views that the hooks and the packing write to are made once, for the
+    largest batch seen (and again only for a larger batch or another device).
+    ``signs`` holds one row of signs per sample, every layer and quantity side by
+    side (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for each layer
+    and quantity, ``words`` and ``packed`` the packing's scratch and result, and
+    ``sign_out`` the output of ``torch.sign``, ``[rows, K]`` for each width,
+    dtype and device of the gradients.
     """
 
     def __init__(
@@ -611,15 +619,24 @@ class _Scratch:
         }
         self.words = torch.empty((rows, row_bytes), dtype=torch.int32, device=device)
         self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
-        self.sign_out: dict[tuple[torch.Size, torch.dtype], Tensor] = {}
+        self.sign_out: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     def sign_of(self, grad: Tensor) -> Tensor:
-        """``torch.sign(grad)``, written to a tensor kept for this shape and dtype."""
-        key = (grad.shape, grad.dtype)
+        """``torch.sign`` of a ``[n, K]`` gradient, ``n <= rows``, into a kept tensor.
+
+        The gradient is detached first: under ``create_graph=True`` it requires
+        grad, and an ``out=`` operation refuses such inputs.
+        """
+        rows, width = grad.shape
+        key = (width, grad.dtype, grad.device)
         out = self.sign_out.get(key)
         if out is None:
-            out = torch.empty(grad.shape, dtype=grad.dtype, device=self.device)
+            out = torch.empty((self.rows, width), dtype=grad.dtype, device=grad.device)
             self.sign_out[key] = out
+        if rows != self.rows:
+            out = out[:rows]
+        if grad.requires_grad:
+            grad = grad.detach()
         return torch.sign(grad, out=out)
 
 
@@ -689,9 +706,11 @@ class GradientSignRecorder(_SignReader):
         the pre-activation is registered before the module overwrites it, and
         PyTorch then delivers the gradient with respect to the value before the
         overwrite. A sample seen twice in a recorded epoch keeps the sign of its
-        last visit. An activation module must run once per forward pass; a
-        module reused at several places of the network is not supported. The
-        backward pass of a batch must end before the next batch starts.
+        last visit, and a second backward pass of a batch overwrites the signs of
+        the first. Gradients that need grad themselves (``create_graph=True``)
+        are read like any other. An activation module must run once per forward
+        pass; a module reused at several places of the network is not supported.
+        The backward pass of a batch must end before the next batch starts.
 
     Args:
         model: The model to watch.
@@ -883,13 +902,20 @@ class GradientSignRecorder(_SignReader):
 
         device = self._where[0]
         index = torch.as_tensor(index, device=device)
-        if index.dim() != 1 or index.is_floating_point():
+        if (
+            index.dim() != 1
+            or index.is_floating_point()
+            or index.is_complex()
+            or index.dtype == torch.bool
+        ):
             raise ValueError(
                 f"Dataset indices must be a 1-D integer tensor [B], got shape "
                 f"{tuple(index.shape)} and dtype {index.dtype}; pass batch.index."
             )
         if index.numel() == 0:
             return
+        if index.dtype != torch.int64:  # uint8 would index as a mask
+            index = index.long()
         size = self._lookup.numel()
         low, high = _index_bounds(index)
         limit = self._num_samples
@@ -1134,9 +1160,14 @@ class GradientSignRecorder(_SignReader):
         return scratch
 
     def _flush(self) -> None:
-        """Pack the staged signs of the pending batch into the current record."""
+        """Write what is staged of the pending batch, then stop recording it."""
+        self._write_staged()
+        self._pending = None
+
+    def _write_staged(self) -> None:
+        """Pack the signs staged since the last write into the current record."""
         batch, written = self._pending, self._written
-        self._pending, self._written = None, set()
+        self._written = set()
         if batch is None or not written or self._segments is None:
             return
 
@@ -1257,8 +1288,10 @@ class GradientSignRecorder(_SignReader):
         self._written.add(key)
         if len(self._written) == len(self._segments):
             # The batch's last gradient: pack now, while the buffer is in the
-            # cache, rather than after the optimizer step has pushed it out.
-            self._flush()
+            # cache, rather than after the optimizer step has pushed it out. The
+            # batch stays armed, so that a second backward pass of the same batch
+            # overwrites these signs, as it would if they were written at its end.
+            self._write_staged()
 
 
 def _word_dtype(num_bytes: int) -> torch.dtype:
@@ -1332,7 +1365,12 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> tuple[str
 
 def _as_index(values: Any, what: str) -> Tensor:
     index = torch.as_tensor(values)
-    if index.dim() != 1 or index.numel() == 0 or index.is_floating_point():
+    if (
+        index.dim() != 1
+        or index.numel() == 0
+        or index.is_floating_point()
+        or index.dtype == torch.bool
+    ):
         raise ValueError(
             f"{what} must be a non-empty 1-D sequence of integers, got "
             f"{values!r:.80}; pass for example [0, 1, 2]."
@@ -1348,24 +1386,31 @@ def _as_index(values: Any, what: str) -> Tensor:
     return index
 
 
-def _positions(index: Tensor, wanted: Any, what: str, attribute: str) -> Tensor:
+def _positions(index: Tensor, wanted: Any, name: str, what: str, where: str) -> Tensor:
     """Where each entry of ``wanted`` sits in ``index``, a 1-D tensor of distinct ints.
+
+    Args:
+        index: The tracked indices.
+        wanted: The indices asked for.
+        name: The argument's name, for errors (``"samples"``).
+        what: How to name one missing entry, with ``{}`` for its value.
+        where: The attribute that lists the tracked indices.
 
     Raises:
         ValueError: If ``wanted`` is not a 1-D sequence of distinct non-negative
             integers, or holds a value that ``index`` lacks.
     """
-    wanted = _as_index(wanted, f"{what.split()[0]}s")
+    wanted = _as_index(wanted, name)
     order = torch.argsort(index)
     ordered = index[order]
     slots = torch.searchsorted(ordered, wanted).clamp(max=index.numel() - 1)
     found = ordered[slots] == wanted
     if not bool(found.all()):
-        missing = int(wanted[~found][0])
+        missing = what.format(int(wanted[~found][0]))
         raise ValueError(
-            f"The {what} {missing} was not tracked, so it has no codes; the "
-            f"{index.numel()} tracked ones are in .{attribute} (choose samples and "
-            "neurons to track when building the recorder)."
+            f"The {missing} was not tracked, so it has no codes; the "
+            f"{index.numel()} tracked ones are in .{where} (choose what to track "
+            "when building the recorder: samples=, neurons=)."
         )
     return order[slots]
 
