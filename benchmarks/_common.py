@@ -6,12 +6,15 @@ Python puts ``benchmarks/`` first on the import path.
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import platform
 
 import torch
 from torch import nn
 
-from neuronlib import models
+from neuronlib import config, models
 
 SEED = 0
 BATCH_SIZE = 128
@@ -79,3 +82,22 @@ def quiet_limit() -> float:
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages (other processes skew timings)."""
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and ``--device``, print the machine, return the device."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = config.get_device(args.device)
+
+    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(
+        f"machine   {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+    print(
+        f"torch     {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}"
+    )
+    print(f"load avg  {load_average()} (start)")
+    return device

@@ -43,11 +43,8 @@ The exit code is 0 whatever the timings; each target is printed as PASS or FAIL.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -68,6 +65,7 @@ from _common import (
     own_seconds,
     quiet_limit,
     quiet_runs,
+    start,
     synchronize,
 )
 from torch import nn
@@ -277,20 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = config.get_device(args.device)
-
-    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(
-        f"machine   {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.python_implementation()} {platform.python_version()}"
-    )
-    print(
-        f"torch     {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"device {device}"
-    )
-    print(f"load avg  {load_average()} (start)")
+    device = start(args)
 
     splits = nldata.load("mnist", device=device)
     dataset = torchvision_subset(splits)

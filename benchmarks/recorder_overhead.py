@@ -40,10 +40,7 @@ The exit code is 0 whatever the timings; the target is printed as PASS or FAIL.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import platform
 import statistics
 import time
 
@@ -61,10 +58,10 @@ from _common import (
     own_seconds,
     quiet_limit,
     quiet_runs,
+    start,
     synchronize,
 )
 
-from neuronlib import config
 from neuronlib import data as nldata
 from neuronlib.probes import GradientSignRecorder
 from neuronlib.probes.signs import QUANTITIES
@@ -75,6 +72,15 @@ LAYERS = ("act1", "act2")
 TARGET_ON_OVER_OFF = 1.05  # at most
 FLOAT32_BYTES = 4
 MB = 1e6
+
+
+def make_recorder(
+    model: torch.nn.Module, splits: nldata.Splits, quantities: tuple[str, ...]
+) -> GradientSignRecorder:
+    """The recorder timed: both hidden layers, every training sample."""
+    return GradientSignRecorder(
+        model, list(LAYERS), samples=splits.train.index.cpu(), quantities=quantities
+    )
 
 
 def run(
@@ -98,12 +104,7 @@ def run(
     probes = []
     recorder = None
     if record:
-        recorder = GradientSignRecorder(
-            model,
-            list(LAYERS),
-            samples=splits.train.index.cpu(),
-            quantities=quantities,
-        )
+        recorder = make_recorder(model, splits, quantities)
         probes.append(recorder)
 
     synchronize(device)
@@ -190,20 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = config.get_device(args.device)
-
-    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(
-        f"machine   {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.python_implementation()} {platform.python_version()}"
-    )
-    print(
-        f"torch     {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"device {device}"
-    )
-    print(f"load avg  {load_average()} (start)")
+    device = start(args)
 
     splits = nldata.load("mnist", device=device)
     print(
@@ -215,12 +203,7 @@ def main() -> None:
     # Warm-up, off the clock: a few recorded steps through fit.
     model, optimizer = build(device)
     warmup = list(splits.train.loader(BATCH_SIZE, seed=SEED).iter_epoch(0))
-    recorder = GradientSignRecorder(
-        model,
-        list(LAYERS),
-        samples=splits.train.index.cpu(),
-        quantities=args.quantities,
-    )
+    recorder = make_recorder(model, splits, tuple(args.quantities))
     fit(model, warmup[:WARMUP_STEPS], optimizer=optimizer, epochs=1, probes=[recorder])
     del model, optimizer, warmup, recorder
 

@@ -118,10 +118,7 @@ def mlp(
         fan_in = width
     layers["out"] = nn.Linear(fan_in, num_classes, bias=bias)
 
-    model = nn.Sequential(OrderedDict(layers))
-    _initialise(model, init)
-    model.in_shape = tuple(in_shape)
-    return model
+    return _assemble(layers, init, in_shape)
 
 
 def vgg(
@@ -247,6 +244,13 @@ def vgg(
     layers["flatten"] = nn.Flatten()
     layers["out"] = nn.Linear(channels, num_classes, bias=bias)
 
+    return _assemble(layers, init, in_shape)
+
+
+def _assemble(
+    layers: dict[str, nn.Module], init: str, in_shape: Sequence[int]
+) -> nn.Sequential:
+    """The builders' last step: the Sequential, initialised, with its input shape."""
     model = nn.Sequential(OrderedDict(layers))
     _initialise(model, init)
     model.in_shape = tuple(in_shape)

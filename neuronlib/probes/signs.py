@@ -661,7 +661,7 @@ class GradientSignRecorder(_SignReader):
     side, the packed codes of every layer and quantity; :meth:`packed` cuts out
     one of them. Besides the records, the recorder keeps only its scratch
     tensors: about ``2.25 * B * sum(K)`` bytes over all layers and quantities,
-    plus one gradient-sized tensor per gradient shape for ``torch.sign``'s output.
+    plus one gradient-sized tensor per gradient width for ``torch.sign``'s output.
 
     It follows the probe protocol of :func:`neuronlib.train.fit`: pass it in
     ``probes=`` and it records on the epochs it is asked to. Batches must carry
