@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronlib.probes import GradientSignRecorder, SignRecord
+from neuronlib.probes import _encode as encode_module
 from neuronlib.probes import signs as signs_module
 from neuronlib.probes.signs import (
     NEGATIVE,
@@ -31,12 +32,27 @@ BATCH_SIZE = 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=["multiply", "generic"])
+@pytest.fixture(params=["compiled", "multiply", "generic"])
 def packing(request, monkeypatch):
-    """Run a test with either of the recorder's two ways of packing signs."""
-    checked = {} if request.param == "multiply" else {"cpu": False}
+    """Run a test with each of the recorder's three ways of packing signs.
+
+    "compiled": the Numba kernel of neuronlib.probes._encode, the default on the
+    CPU (it must be available here); "multiply" and "generic": the torch path,
+    with packing by multiplication or by shifts (where the kernel is missing).
+    """
+    if request.param == "compiled":
+        assert encode_module.kernels() is not None
+    else:
+        monkeypatch.setattr(encode_module, "kernels", lambda: None)
+    checked = {"cpu": False} if request.param == "generic" else {}
     monkeypatch.setattr(signs_module, "_gather_checked", checked)
     return request.param
+
+
+@pytest.fixture
+def torch_packing(monkeypatch):
+    """Run a test on the torch path (no compiled kernel)."""
+    monkeypatch.setattr(encode_module, "kernels", lambda: None)
 
 
 # --- models
@@ -239,6 +255,8 @@ CASES = {
     "mlp-relu-wide": dict(build=lambda: mlp_model(widths=(16, 36))),
     "mlp-relu-wider": dict(build=lambda: mlp_model(widths=(64, 8))),
     "mlp-relu-inplace": dict(build=lambda: mlp_model(inplace=True)),
+    # bfloat16 gradients: the compiled kernel reads them converted to float32
+    "mlp-tanh-bfloat16": dict(build=lambda: mlp_model(nn.Tanh), dtype=torch.bfloat16),
     "mlp-leaky-relu-inplace-float64": dict(
         build=lambda: mlp_model(nn.LeakyReLU, inplace=True), dtype=torch.float64
     ),
@@ -313,7 +331,7 @@ def test_zero_codes_come_from_relu_not_tanh():
         assert bool((codes == ZERO).any()) == has_zeros
 
 
-def test_user_hooks_survive_fire_and_do_not_change_the_signs():
+def test_user_hooks_survive_fire_and_do_not_change_the_signs(packing):
     torch.manual_seed(0)
     # PyTorch itself forbids a full backward hook on an in-place module.
     model = mlp_model()
@@ -406,7 +424,7 @@ def test_packing_signs_equals_packing_their_codes(num_bytes, packing):
     code_of_sign = torch.tensor([NEGATIVE, ZERO, POSITIVE, 0], dtype=torch.uint8)
     want = pack_codes(code_of_sign[signs.long() + 1])
     assert torch.equal(_pack_signs(signs), want)
-    assert signs_module._gather_checked["cpu"] == (packing == "multiply")
+    assert signs_module._gather_checked["cpu"] == (packing != "generic")
 
 
 def test_packing_by_multiplication_is_checked_before_it_is_used(monkeypatch):
@@ -501,7 +519,7 @@ def test_reading_untracked_samples_or_neurons_is_refused(kwargs, match):
         recorder.codes("act1", **kwargs)
 
 
-def test_recording_under_create_graph_matches_autograd():
+def test_recording_under_create_graph_matches_autograd(packing):
     torch.manual_seed(0)
     model = mlp_model(nn.Tanh)
     x, y = data_for(model)
@@ -521,7 +539,7 @@ def test_recording_under_create_graph_matches_autograd():
         assert torch.equal(got, sign_codes(grad)), (layer, quantity)
 
 
-def test_a_second_backward_pass_of_a_batch_overwrites_the_first():
+def test_a_second_backward_pass_of_a_batch_overwrites_the_first(packing):
     torch.manual_seed(0)
     model = mlp_model(nn.Tanh)
     x, y = data_for(model)
@@ -543,14 +561,18 @@ def test_a_second_backward_pass_of_a_batch_overwrites_the_first():
     assert differs  # not vacuous: the two passes give different signs
 
 
-def test_scratch_does_not_grow_with_the_tracked_samples_per_batch():
+def test_scratch_does_not_grow_with_the_tracked_samples_per_batch(packing):
     # Batches of 5 hold 2 or 3 of the tracked (even) samples: two row counts.
     recorder = _recorded_mlp(list(range(0, NUM_SAMPLES, 2)), None)
+    scratch = recorder._scratch
+    assert scratch.compiled == (packing == "compiled")
+    assert scratch.rows == BATCH_SIZE
     widths = {recorder.neuron_index[layer].numel() for layer in recorder.layers}
-    assert len(recorder._scratch.sign_out) == len(widths)
+    # One torch.sign output per width on the torch path, none with the kernel.
+    assert len(scratch.sign_out) == (0 if scratch.compiled else len(widths))
 
 
-def test_uint8_batch_indices_are_dataset_indices_not_a_mask():
+def test_uint8_batch_indices_are_dataset_indices_not_a_mask(packing):
     torch.manual_seed(0)
     model = mlp_model()
     x, y = data_for(model)
@@ -577,7 +599,7 @@ def test_uint8_batch_indices_are_dataset_indices_not_a_mask():
         recorders[0].start_batch(torch.tensor([True, False]))
 
 
-def test_width_not_multiple_of_four_rounds_up_to_whole_bytes():
+def test_width_not_multiple_of_four_rounds_up_to_whole_bytes(packing):
     model = mlp_model()  # act2 has 7 neurons
     recorder = GradientSignRecorder(model, ["act2"], num_samples=NUM_SAMPLES)
     recorder.start_epoch(0)
@@ -605,7 +627,7 @@ def test_only_scheduled_epochs_are_recorded(epochs, recorded):
     assert torch.equal(recorder.codes("act2"), expected.stacked("act2", "activation"))
 
 
-def test_samples_unseen_in_an_epoch_are_not_recorded():
+def test_samples_unseen_in_an_epoch_are_not_recorded(packing):
     torch.manual_seed(0)
     model = mlp_model()
     x, y = data_for(model)
@@ -622,7 +644,7 @@ def test_samples_unseen_in_an_epoch_are_not_recorded():
     assert torch.equal(recorder.recorded("act1")[0, :, 0], torch.arange(24) % 2 == 0)
 
 
-def test_untracked_indices_are_ignored():
+def test_untracked_indices_are_ignored(packing):
     model = mlp_model()
     x = torch.randn(4, 12)
     recorder = GradientSignRecorder(model, samples=[5, 7], num_samples=10)
@@ -639,15 +661,16 @@ def test_untracked_indices_are_ignored():
 @pytest.mark.parametrize(
     "index", [[7, 100, 0, 2], [7, -3, 0, 2]], ids=["beyond-size", "negative"]
 )
-def test_out_of_range_batch_indices_are_a_clear_error(index):
+@pytest.mark.parametrize("samples", [[5, 7], None], ids=["subset", "every"])
+def test_out_of_range_batch_indices_are_a_clear_error(index, samples, packing):
     model = mlp_model()
-    with GradientSignRecorder(model, samples=[5, 7], num_samples=10) as recorder:
+    with GradientSignRecorder(model, samples=samples, num_samples=10) as recorder:
         recorder.start_epoch(0)
         with pytest.raises(ValueError, match=r"outside \[0, 10\).*num_samples="):
             recorder.start_batch(torch.tensor(index))
 
 
-def test_indices_beyond_the_tracked_ones_are_fine_without_num_samples():
+def test_indices_beyond_the_tracked_ones_are_fine_without_num_samples(packing):
     model = mlp_model()
     with GradientSignRecorder(model, samples=[1, 2]) as recorder:
         recorder.start_epoch(0)
@@ -1021,7 +1044,7 @@ def test_snapshot_is_a_copy():
 # --- fit
 
 
-def test_recording_through_fit_matches_autograd():
+def test_recording_through_fit_matches_autograd(packing):
     train = pytest.importorskip("neuronlib.train")
     torch.manual_seed(0)
     model = mlp_model(inplace=True)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from neuronlib.models import NONLINEARITY_TYPES
+from neuronlib.probes import _encode
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,17 @@ def unpack_codes(packed: Tensor, num_neurons: int) -> Tensor:
     width = packed.shape[-1] * CODES_PER_BYTE
     return codes.reshape(*packed.shape[:-1], width)[..., :num_neurons]
 
+
+# Dtypes accepted as dataset indices (others are read as a mask or are not indices).
+_INDEX_DTYPES = frozenset(
+    dtype
+    for bits in (8, 16, 32, 64)
+    for name in (f"int{bits}", f"uint{bits}")
+    if isinstance(dtype := getattr(torch, name, None), torch.dtype)
+)
+
+# The compiled find_rows's table when every sample is tracked: rows are indices.
+_NO_TABLE = np.empty(0, dtype=np.int64)
 
 # A padding column of the scratch buffer holds this "sign": its code is NOT_RECORDED.
 _PAD_SIGN = 2
@@ -589,11 +601,16 @@ class _Scratch:
     step every extra operator call costs tens of microseconds; so the tensors and
     the views that the hooks and the packing write to are made once, for the
     largest batch seen (and again only for a larger batch or another device).
-    ``signs`` holds one row of signs per sample, every layer and quantity side by
-    side (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for each layer
-    and quantity, ``words`` and ``packed`` the packing's scratch and result, and
-    ``sign_out`` the output of ``torch.sign``, ``[rows, K]`` for each width,
-    dtype and device of the gradients.
+    ``packed`` holds the packed codes of the batch, one row per sample, every layer
+    and quantity side by side (``uint8`` ``[rows, row bytes]``).
+
+    With the compiled kernels (``kernels``, on the CPU), the hooks write straight
+    into ``packed`` (through its NumPy view ``packed_array``), with ``codes_array``
+    as the kernel's scratch row. Otherwise ``signs`` holds one row of signs per
+    sample (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for each
+    layer and quantity, ``words`` the packing's scratch, and ``sign_out`` the
+    output of ``torch.sign``, ``[rows, K]`` for each width, dtype and device of
+    the gradients; the packing turns ``signs`` into ``packed``.
     """
 
     def __init__(
@@ -602,9 +619,19 @@ class _Scratch:
         segments: Mapping[tuple[str, str], _Segment],
         row_bytes: int,
         device: torch.device,
+        kernels: _encode.Kernels | None = None,
     ):
         self.rows = rows
         self.device = device
+        self.kernels = kernels
+        self.compiled = kernels is not None
+        self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
+        self.sign_out: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        if kernels is not None:
+            # The compiled kernel writes packed codes straight into ``packed``.
+            self.packed_array = self.packed.numpy()
+            self.codes_array = np.zeros(row_bytes * CODES_PER_BYTE, dtype=np.uint8)
+            return
         # Columns that pad a layer to whole bytes keep _PAD_SIGN, whose code is
         # NOT_RECORDED; the others are overwritten batch by batch.
         self.signs = torch.full(
@@ -618,8 +645,6 @@ class _Scratch:
             for key, segment in segments.items()
         }
         self.words = torch.empty((rows, row_bytes), dtype=torch.int32, device=device)
-        self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
-        self.sign_out: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     def sign_of(self, grad: Tensor) -> Tensor:
         """``torch.sign`` of a ``[n, K]`` gradient, ``n <= rows``, into a kept tensor.
@@ -651,17 +676,22 @@ class GradientSignRecorder(_SignReader):
     code (see :mod:`neuronlib.probes.signs`), in the sample's row of the record.
     No extra forward or backward pass runs.
 
-    The hot path is kept short: during backpropagation each tensor hook only
-    writes its gradient's signs, one byte each, into a scratch buffer (``int8``
-    ``[B, K]`` per layer and quantity, reused from batch to batch); when the
-    batch's last gradient has arrived (or at the end of the batch, if a layer got
-    none), four integer operations turn the signs of the whole batch, every layer
-    and quantity at once, into packed codes, and one row copy moves them into the
-    record. A record is one ``uint8`` tensor ``[S, bytes]`` that holds, side by
-    side, the packed codes of every layer and quantity; :meth:`packed` cuts out
-    one of them. Besides the records, the recorder keeps only its scratch
-    tensors: about ``2.25 * B * sum(K)`` bytes over all layers and quantities,
-    plus one gradient-sized tensor per gradient width for ``torch.sign``'s output.
+    The hot path is kept short. On the CPU, with the compiled kernels of
+    :mod:`neuronlib.probes._encode` (Numba), each tensor hook makes one pass over
+    its gradient that writes the packed codes of the whole batch into its columns
+    of a scratch buffer of packed rows (``uint8`` ``[B, row bytes]``, reused from
+    batch to batch); when the batch's last gradient has arrived (or at the end of
+    the batch, if a layer got none), one compiled copy moves the rows into the
+    record. Elsewhere (on a GPU, or without Numba) each hook writes its gradient's
+    signs, one byte each, into an ``int8`` scratch buffer, and four integer
+    operations then pack the signs of the whole batch, every layer and quantity at
+    once, before one row copy. Both give the same bytes (the kernels are checked
+    against torch before they are used). A record is one ``uint8`` tensor
+    ``[S, bytes]`` that holds, side by side, the packed codes of every layer and
+    quantity; :meth:`packed` cuts out one of them. Besides the records, the
+    recorder keeps only its scratch: ``B`` packed rows with the kernels, about
+    ``2.25 * B * sum(K)`` bytes over all layers and quantities plus one
+    gradient-sized tensor per gradient width without them.
 
     It follows the probe protocol of :func:`neuronlib.train.fit`: pass it in
     ``probes=`` and it records on the epochs it is asked to. Batches must carry
@@ -767,6 +797,7 @@ class GradientSignRecorder(_SignReader):
         self.layers = _resolve_layers(model, layers)
         self._modules = {name: model.get_submodule(name) for name in self.layers}
         self.sample_index, self._lookup = _sample_lookup(samples, num_samples)
+        self._lookup_array = self._lookup.numpy()  # for the compiled find_rows
         self._num_samples = num_samples
         self._every_index = samples is None  # the look-up table is the identity
         self._wants_epoch = _epoch_schedule(epochs)
@@ -783,6 +814,7 @@ class GradientSignRecorder(_SignReader):
         self._row_bytes = 0
         self._records: list[Tensor] = []  # one [S, row bytes] uint8 per record
         self._record_words: list[Tensor] = []  # the same, viewed as wider words
+        self._record_arrays: list[np.ndarray | None] = []  # as NumPy, on the CPU
         self._record_epochs: list[int] = []
         self._recording = False
         self._batch: _BatchRows | None = None  # armed for the coming forward pass
@@ -796,6 +828,7 @@ class GradientSignRecorder(_SignReader):
         self._attached_by_fit = False
         # Per-device copies of the sample look-up table and neuron indices.
         self._device_cache: dict[Any, Tensor] = {}
+        self._lookup_view: memoryview | None = None
         self._fix_layout()
 
     # ------------------------------------------------------------- attach / remove
@@ -901,23 +934,34 @@ class GradientSignRecorder(_SignReader):
             return
 
         device = self._where[0]
-        index = torch.as_tensor(index, device=device)
-        if (
-            index.dim() != 1
-            or index.is_floating_point()
-            or index.is_complex()
-            or index.dtype == torch.bool
-        ):
+        if not isinstance(index, Tensor) or index.device != device:
+            index = torch.as_tensor(index, device=device)
+        if index.dim() != 1 or index.dtype not in _INDEX_DTYPES:
             raise ValueError(
                 f"Dataset indices must be a 1-D integer tensor [B], got shape "
                 f"{tuple(index.shape)} and dtype {index.dtype}; pass batch.index."
             )
-        if index.numel() == 0:
-            return
         if index.dtype != torch.int64:  # uint8 would index as a mask
             index = index.long()
-        size = self._lookup.numel()
-        low, high = _index_bounds(index)
+        count = index.numel()
+        if count == 0:
+            return
+        # On a training step everything the recorder touches has been pushed out
+        # of the caches, and each torch operator (or NumPy reduction) costs tens of
+        # microseconds; on the CPU the indices are read by one compiled pass, or
+        # as Python integers.
+        kernels = _encode.kernels() if device.type == "cpu" else None
+        rows = values = None
+        if kernels is not None:
+            index = index.contiguous()
+            rows = torch.empty(count, dtype=torch.int64)
+            table = _NO_TABLE if self._every_index else self._lookup_array
+            low, high, found = kernels.find_rows(index.numpy(), table, rows.numpy())
+        elif device.type == "cpu":
+            values = index.tolist()
+            low, high = min(values), max(values)
+        else:
+            low, high = torch.stack(torch.aminmax(index)).tolist()
         limit = self._num_samples
         if low < 0 or (limit is not None and high >= limit):
             bad = low if low < 0 else high
@@ -928,23 +972,28 @@ class GradientSignRecorder(_SignReader):
                 "num_samples=len(full_split) (e.g. 55000 for MNIST's train split) "
                 "or samples=subset.index."
             )
-        if self._every_index and high < size:
-            # The usual case: every sample tracked, rows are dataset indices.
-            self._arm(_BatchRows(index.numel(), None, index))
+        if self._every_index:
+            # The usual case: every sample tracked, rows are dataset indices (all
+            # below num_samples, the number of rows, as just checked).
+            self._arm(_BatchRows(count, None, index))
             return
 
-        lookup = self._on(device, ("lookup",), self._lookup)
-        if high < size:
-            rows = lookup[index]
-        else:  # without num_samples, indices beyond the tracked ones may come
+        size = self._lookup.numel()
+        if values is not None:
+            table = self._lookup_table()
+            rows_list = [table[i] if i < size else -1 for i in values]
+            rows = torch.tensor(rows_list, dtype=torch.int64)
+            found = sum(row >= 0 for row in rows_list)
+        elif rows is None:
+            lookup = self._on(device, ("lookup",), self._lookup)
             rows = lookup[index.clamp(max=size - 1)]
             rows = torch.where(index < size, rows, torch.full_like(rows, -1))
-        if _index_bounds(rows)[0] >= 0:  # every sample of the batch is tracked
-            self._arm(_BatchRows(index.numel(), None, rows))
-        else:
+            found = int((rows >= 0).sum())
+        if found == count:  # every sample of the batch is tracked
+            self._arm(_BatchRows(count, None, rows))
+        elif found:
             select = (rows >= 0).nonzero().squeeze(1)
-            if select.numel():
-                self._arm(_BatchRows(index.numel(), select, rows[select]))
+            self._arm(_BatchRows(count, select, rows[select]))
 
     def end_batch(self) -> None:
         """Write the batch's signs into the record and disarm the recorder.
@@ -1089,6 +1138,12 @@ class GradientSignRecorder(_SignReader):
             self._device_cache[(device, key)] = cached
         return cached
 
+    def _lookup_table(self) -> memoryview:
+        """The sample look-up table as a memoryview: dataset index -> row (-1)."""
+        if self._lookup_view is None:
+            self._lookup_view = memoryview(self._lookup.numpy())
+        return self._lookup_view
+
     def _settle_neurons(self, name: str, width: int | None) -> None:
         """Check requested neurons against the width and fix the neuron index."""
         requested = self._requested[name]
@@ -1142,6 +1197,8 @@ class GradientSignRecorder(_SignReader):
             record = torch.zeros(shape, dtype=torch.uint8, device=device)
             self._records.append(record)
             self._record_words.append(record.view(word))
+            # For the compiled kernels, which write CPU records through NumPy.
+            self._record_arrays.append(record.numpy() if record.is_cpu else None)
 
     def _arm(self, batch: _BatchRows) -> None:
         """Arm for ``batch``: hooks of the coming forward pass write to scratch."""
@@ -1154,8 +1211,14 @@ class GradientSignRecorder(_SignReader):
         """The hot path's buffers, with room for ``rows`` samples."""
         scratch = self._scratch
         device = self._where[0]
-        if scratch is None or scratch.rows < rows or scratch.device != device:
-            scratch = _Scratch(rows, self._segments, self._row_bytes, device)
+        kernels = _encode.kernels() if device.type == "cpu" else None
+        if (
+            scratch is None
+            or scratch.rows < rows
+            or scratch.device != device
+            or scratch.kernels is not kernels
+        ):
+            scratch = _Scratch(rows, self._segments, self._row_bytes, device, kernels)
             self._scratch = scratch
         return scratch
 
@@ -1172,14 +1235,27 @@ class GradientSignRecorder(_SignReader):
             return
 
         scratch = self._scratch
-        signs, words, packed = scratch.signs, scratch.words, scratch.packed
         count = batch.rows.numel()
-        if count != scratch.rows:
-            signs, words, packed = signs[:count], words[:count], packed[:count]
-        packed = _pack_signs(signs, words, packed)  # [count, row bytes]
+        packed = scratch.packed if count == scratch.rows else scratch.packed[:count]
+        if not scratch.compiled:  # the hooks wrote signs: pack them
+            signs, words = scratch.signs, scratch.words
+            if count != scratch.rows:
+                signs, words = signs[:count], words[:count]
+            packed = _pack_signs(signs, words, packed)  # [count, row bytes]
         if len(written) == len(self._segments):
+            if scratch.compiled and self._record_arrays[-1] is not None:
+                stray = scratch.kernels.scatter(
+                    scratch.packed_array, self._record_arrays[-1], batch.rows.numpy()
+                )
+                if stray >= 0:  # start_batch keeps rows in range: a bug if seen
+                    raise IndexError(
+                        f"Record row {int(batch.rows[stray])} is out of range."
+                    )
+                return
             word = self._record_words[-1]
-            word.index_copy_(0, batch.rows, packed.view(word.dtype))
+            # index_put_ rather than index_copy_: the same rows written, in about
+            # half the time on the CPU.
+            word.index_put_((batch.rows,), packed.view(word.dtype))
             return
         record = self._records[-1]
         for key in written:  # some layer or quantity got no gradient
@@ -1280,11 +1356,14 @@ class GradientSignRecorder(_SignReader):
             grad = grad.index_select(1, self._on(grad.device, segment.layer, neurons))
         if grad.dim() > 2:
             grad = reduce_channels(grad, self.conv_reduce)
-        columns = scratch.columns[key]
-        if grad.shape[0] != scratch.rows:
-            columns = columns[: grad.shape[0]]
-        # Signs, not codes: _pack_signs turns them into codes while packing.
-        columns.copy_(scratch.sign_of(grad))
+        if scratch.compiled:
+            _encode_into(scratch, segment, grad)
+        else:
+            columns = scratch.columns[key]
+            if grad.shape[0] != scratch.rows:
+                columns = columns[: grad.shape[0]]
+            # Signs, not codes: _pack_signs turns them into codes while packing.
+            columns.copy_(scratch.sign_of(grad))
         self._written.add(key)
         if len(self._written) == len(self._segments):
             # The batch's last gradient: pack now, while the buffer is in the
@@ -1292,6 +1371,26 @@ class GradientSignRecorder(_SignReader):
             # batch stays armed, so that a second backward pass of the same batch
             # overwrites these signs, as it would if they were written at its end.
             self._write_staged()
+
+
+def _encode_into(scratch: _Scratch, segment: _Segment, grad: Tensor) -> None:
+    """Write the packed codes of ``grad`` [n, K] to ``segment``'s bytes of scratch.
+
+    The compiled ``encode`` of :mod:`neuronlib.probes._encode` reads C-contiguous
+    float32 or float64 CPU arrays; anything else is converted first (a conversion
+    to float32 keeps every sign, zero included).
+    """
+    if grad.requires_grad:  # create_graph=True
+        grad = grad.detach()
+    if grad.dtype not in _encode.KERNEL_DTYPES:
+        grad = grad.float()
+    if grad.device.type != "cpu":
+        grad = grad.cpu()
+    if not grad.is_contiguous():
+        grad = grad.contiguous()
+    scratch.kernels.encode(
+        grad.numpy(), scratch.packed_array, segment.byte, scratch.codes_array
+    )
 
 
 def _word_dtype(num_bytes: int) -> torch.dtype:
@@ -1516,20 +1615,6 @@ def _infer_width(model: nn.Module, name: str) -> int | None:
         if not isinstance(module, (*_WIDTH_PRESERVING, *ACTIVATION_TYPES)):
             return None
     return None
-
-
-def _index_bounds(index: Tensor) -> tuple[int, int]:
-    """The smallest and the largest entry of a non-empty integer tensor.
-
-    On the CPU NumPy reads them without a torch operator call (each costs tens of
-    microseconds in the middle of a training step); elsewhere it is one device
-    sync.
-    """
-    if index.device.type == "cpu":
-        values = index.numpy()
-        return int(values.min()), int(values.max())
-    low, high = torch.stack(torch.aminmax(index)).tolist()
-    return low, high
 
 
 def _batch_index(batch: Any) -> Any:
