@@ -121,3 +121,15 @@ def test_the_answer_is_kept_for_the_process(fresh_kernels, monkeypatch):
     assert _encode.kernels() is None
     assert _encode.kernels() is None
     assert calls == [1]
+
+
+def test_a_failure_while_compiling_is_not_raised_at_training(
+    fresh_kernels, monkeypatch, caplog
+):
+    def crash():
+        raise OSError("llvmlite could not load its library")
+
+    monkeypatch.setattr(_encode, "_compile", crash)
+    with caplog.at_level(logging.WARNING, logger=_encode.__name__):
+        assert _encode.kernels() is None
+    assert "could not load" in caplog.text

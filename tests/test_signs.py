@@ -889,8 +889,80 @@ def test_batch_size_mismatch_is_refused():
     with GradientSignRecorder(model, num_samples=8) as recorder:
         recorder.start_epoch(0)
         recorder.start_batch(torch.arange(3))
-        with pytest.raises(ValueError, match="3 entries but layer 'act1' got 4"):
+        with pytest.raises(
+            ValueError, match=r"3 entries but layer 'act1' got .*\(4, 8\)"
+        ):
             model(torch.randn(4, 12))
+
+
+@pytest.mark.parametrize("call", ["input-without-grad", "keyword"])
+def test_batch_size_mismatch_is_refused_where_the_input_is_not_seen(call, packing):
+    # The pre-hook cannot check these forward passes (the activation's input does
+    # not need grad, or comes as a keyword); the forward hook must.
+    torch.manual_seed(0)
+    if call == "keyword":
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.act, self.out = (
+                    nn.Linear(4, 8),
+                    nn.ReLU(),
+                    nn.Linear(8, 2),
+                )
+
+            def forward(self, x):
+                return self.out(self.act(input=self.fc(x)))
+
+        model, layer = Net(), "act"
+    else:
+        model, layer = nn.Sequential(nn.PReLU(), nn.Linear(4, 2)), "0"
+    with GradientSignRecorder(model, [layer], num_samples=10) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="2 entries but layer"):
+            model(torch.randn(7, 4))
+
+
+def test_the_kernel_refuses_a_gradient_larger_than_its_scratch():
+    recorder = _recorded_mlp(None, None)
+    scratch = recorder._scratch
+    assert scratch.compiled
+    segment = recorder._segments[("act1", "activation")]
+    too_many = torch.zeros(scratch.rows + 1, segment.num_neurons)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        signs_module._encode_into(scratch, segment, too_many)
+    too_wide = torch.zeros(scratch.rows, segment.num_neurons + 1)
+    with pytest.raises(RuntimeError, match="expected 8 neurons"):
+        signs_module._encode_into(scratch, segment, too_wide)
+
+
+def test_a_deep_copy_taken_mid_epoch_records_into_its_own_record(packing):
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES)
+
+    def step(rec, index):
+        rec.start_batch(index)
+        F.cross_entropy(rec.model(x[index]), y[index]).backward()
+        rec.end_batch()
+
+    first, second = torch.arange(0, 10), torch.arange(10, NUM_SAMPLES)
+    with recorder:
+        recorder.start_epoch(0)
+        step(recorder, first)
+    twin = copy.deepcopy(recorder)  # as when branching a run from a checkpoint
+    with twin:
+        step(twin, second)
+    with recorder:
+        step(recorder, second)
+    for layer in twin.layers:
+        for quantity in twin.quantities:
+            got = twin.codes(layer, quantity)
+            assert (got != 0).all(), (layer, quantity)  # both halves recorded
+            # The twin's model is a copy: same weights, so the same signs.
+            assert torch.equal(got, recorder.codes(layer, quantity))
 
 
 def test_reading_an_unrecorded_quantity_is_refused():

@@ -187,19 +187,17 @@ def kernels() -> Kernels | None:
     """
     global _kernels
     if _kernels is _UNSET:
-        _kernels = None
-        compiled = _compile() if sys.byteorder == "little" else None
-        if compiled is not None:
+        compiled = works = None
+        if sys.byteorder == "little":
             try:
-                works = _agrees(compiled)
+                compiled = _compile()
+                works = compiled is not None and _agrees(compiled)
             except Exception as error:  # noqa: BLE001 - any failure means: do not use
                 logger.warning("Compiled sign packing failed (%s); using torch.", error)
-                works = False
             else:
-                if not works:
+                if compiled is not None and not works:
                     logger.warning(
                         "Compiled sign packing disagrees with torch; using torch."
                     )
-            if works:
-                _kernels = compiled
+        _kernels = compiled if works else None
     return _kernels  # type: ignore[return-value]

@@ -833,6 +833,33 @@ class GradientSignRecorder(_SignReader):
 
     # ------------------------------------------------------------- attach / remove
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The recorder's state for ``copy.deepcopy``.
+
+        NumPy views of the records and of the scratch (and a memoryview of the
+        sample table) would come out of a copy detached from the tensors they
+        view, so they are left out and rebuilt; a batch in flight is not carried
+        over (the copy starts disarmed).
+        """
+        state = self.__dict__.copy()
+        state.update(
+            _record_arrays=None,
+            _scratch=None,
+            _lookup_view=None,
+            _lookup_array=None,
+            _batch=None,
+            _pending=None,
+            _written=set(),
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lookup_array = self._lookup.numpy()
+        self._record_arrays = [
+            record.numpy() if record.is_cpu else None for record in self._records
+        ]
+
     @property
     def attached(self) -> bool:
         """Whether the recorder's hooks are on the model."""
@@ -946,22 +973,7 @@ class GradientSignRecorder(_SignReader):
         count = index.numel()
         if count == 0:
             return
-        # On a training step everything the recorder touches has been pushed out
-        # of the caches, and each torch operator (or NumPy reduction) costs tens of
-        # microseconds; on the CPU the indices are read by one compiled pass, or
-        # as Python integers.
-        kernels = _encode.kernels() if device.type == "cpu" else None
-        rows = values = None
-        if kernels is not None:
-            index = index.contiguous()
-            rows = torch.empty(count, dtype=torch.int64)
-            table = _NO_TABLE if self._every_index else self._lookup_array
-            low, high, found = kernels.find_rows(index.numpy(), table, rows.numpy())
-        elif device.type == "cpu":
-            values = index.tolist()
-            low, high = min(values), max(values)
-        else:
-            low, high = torch.stack(torch.aminmax(index)).tolist()
+        low, high, rows, found = self._rows_of(index)
         limit = self._num_samples
         if low < 0 or (limit is not None and high >= limit):
             bad = low if low < 0 else high
@@ -972,28 +984,51 @@ class GradientSignRecorder(_SignReader):
                 "num_samples=len(full_split) (e.g. 55000 for MNIST's train split) "
                 "or samples=subset.index."
             )
-        if self._every_index:
-            # The usual case: every sample tracked, rows are dataset indices (all
-            # below num_samples, the number of rows, as just checked).
-            self._arm(_BatchRows(count, None, index))
-            return
-
-        size = self._lookup.numel()
-        if values is not None:
-            table = self._lookup_table()
-            rows_list = [table[i] if i < size else -1 for i in values]
-            rows = torch.tensor(rows_list, dtype=torch.int64)
-            found = sum(row >= 0 for row in rows_list)
-        elif rows is None:
-            lookup = self._on(device, ("lookup",), self._lookup)
-            rows = lookup[index.clamp(max=size - 1)]
-            rows = torch.where(index < size, rows, torch.full_like(rows, -1))
-            found = int((rows >= 0).sum())
         if found == count:  # every sample of the batch is tracked
             self._arm(_BatchRows(count, None, rows))
         elif found:
             select = (rows >= 0).nonzero().squeeze(1)
             self._arm(_BatchRows(count, select, rows[select]))
+
+    def _rows_of(self, index: Tensor) -> tuple[int, int, Tensor, int]:
+        """Read a batch's dataset indices (``int64``, not empty).
+
+        Returns:
+            ``(low, high, rows, found)``: the smallest and the largest index, the
+            record row of each sample (-1 when it is not tracked; rows are only
+            meaningful once the range is checked) and how many have a row.
+        """
+        count = index.numel()
+        if index.device.type != "cpu":  # torch operators on the device
+            low, high = torch.stack(torch.aminmax(index)).tolist()
+            if self._every_index:
+                return low, high, index, count
+            size = self._lookup.numel()
+            lookup = self._on(index.device, ("lookup",), self._lookup)
+            rows = lookup[index.clamp(0, size - 1)]
+            inside = (index >= 0) & (index < size)
+            rows = torch.where(inside, rows, torch.full_like(rows, -1))
+            return low, high, rows, int((rows >= 0).sum())
+
+        # On the CPU, where each torch operator (or NumPy reduction) costs tens of
+        # microseconds on a training step (everything the recorder touches has
+        # been pushed out of the caches): one compiled pass, or Python integers.
+        kernels = _encode.kernels()
+        if kernels is not None:
+            index = index.contiguous()
+            rows = torch.empty(count, dtype=torch.int64)
+            table = _NO_TABLE if self._every_index else self._lookup_array
+            low, high, found = kernels.find_rows(index.numpy(), table, rows.numpy())
+            return low, high, rows, found
+        values = index.tolist()
+        low, high = min(values), max(values)
+        if self._every_index:
+            return low, high, index, count
+        table = self._lookup_table()
+        size = len(table)
+        rows_list = [table[i] if 0 <= i < size else -1 for i in values]
+        found = sum(row >= 0 for row in rows_list)
+        return low, high, torch.tensor(rows_list, dtype=torch.int64), found
 
     def end_batch(self) -> None:
         """Write the batch's signs into the record and disarm the recorder.
@@ -1243,7 +1278,7 @@ class GradientSignRecorder(_SignReader):
                 signs, words = signs[:count], words[:count]
             packed = _pack_signs(signs, words, packed)  # [count, row bytes]
         if len(written) == len(self._segments):
-            if scratch.compiled and self._record_arrays[-1] is not None:
+            if scratch.compiled:  # the kernels run only for CPU records
                 stray = scratch.kernels.scatter(
                     scratch.packed_array, self._record_arrays[-1], batch.rows.numpy()
                 )
@@ -1303,12 +1338,7 @@ class GradientSignRecorder(_SignReader):
             x = args[0] if args else None
             if not isinstance(x, Tensor) or not x.requires_grad:
                 return
-            if x.shape[0] != batch.size:
-                raise ValueError(
-                    f"The batch's dataset index has {batch.size} entries but layer "
-                    f"{name!r} got {x.shape[0]} samples; pass the indices of the "
-                    "samples in the forward pass, in the same order."
-                )
+            _check_batch_size(name, batch, x)
             self._learn_width(name, x)
             if records_pre_activation:
                 x.register_hook(partial(self._stage, key, batch))
@@ -1324,6 +1354,7 @@ class GradientSignRecorder(_SignReader):
                 return
             if not output.requires_grad:
                 return
+            _check_batch_size(name, batch, output)
             self._learn_width(name, output)
             output.register_hook(partial(self._stage, key, batch))
 
@@ -1373,6 +1404,16 @@ class GradientSignRecorder(_SignReader):
             self._write_staged()
 
 
+def _check_batch_size(name: str, batch: _BatchRows, tensor: Tensor) -> None:
+    """Refuse a forward pass whose batch does not match the batch's indices."""
+    if tensor.dim() == 0 or tensor.shape[0] != batch.size:
+        raise ValueError(
+            f"The batch's dataset index has {batch.size} entries but layer {name!r} "
+            f"got a tensor of shape {tuple(tensor.shape)}; pass the indices of the "
+            "samples in the forward pass, in the same order."
+        )
+
+
 def _encode_into(scratch: _Scratch, segment: _Segment, grad: Tensor) -> None:
     """Write the packed codes of ``grad`` [n, K] to ``segment``'s bytes of scratch.
 
@@ -1388,6 +1429,17 @@ def _encode_into(scratch: _Scratch, segment: _Segment, grad: Tensor) -> None:
         grad = grad.cpu()
     if not grad.is_contiguous():
         grad = grad.contiguous()
+    # The kernel does not check bounds: refuse what it could write past.
+    if grad.dim() != 2 or grad.shape[0] > scratch.rows:
+        raise RuntimeError(
+            f"Gradient of shape {tuple(grad.shape)} for {segment.layer!r} does not "
+            f"fit the recorder's batch of {scratch.rows} rows."
+        )
+    if grad.shape[1] != segment.num_neurons:
+        raise RuntimeError(
+            f"Gradient of shape {tuple(grad.shape)} for {segment.layer!r}: "
+            f"expected {segment.num_neurons} neurons."
+        )
     scratch.kernels.encode(
         grad.numpy(), scratch.packed_array, segment.byte, scratch.codes_array
     )
