@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -101,3 +105,60 @@ def start(args: argparse.Namespace) -> torch.device:
     )
     print(f"load avg  {load_average()} (start)")
     return device
+
+
+def timed(body: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Run ``body`` once; return its wall time and what others used meanwhile.
+
+    Returns:
+        ``(seconds, others)``: the wall time, and the CPU time that other processes
+        used during it divided by that wall time, in cores (NaN where
+        ``/proc/stat`` cannot be read). On a 2-core machine, ``others`` near 0 means
+        the run had both cores; 0.5 or more means another process took a good share
+        of one, and the run's time says little.
+    """
+    synchronize(device)
+    busy, own = busy_seconds(), own_seconds()
+    start = time.perf_counter()
+    body()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    busy_after, own_after = busy_seconds(), own_seconds()
+
+    if busy is None or busy_after is None:
+        return seconds, math.nan
+    others = (busy_after - busy) - (own_after - own)
+    return seconds, max(others, 0.0) / seconds
+
+
+def print_runs(
+    label: str,
+    names: list[str],
+    times: dict[str, list[float]],
+    others: dict[str, list[float]],
+) -> dict[str, list[float]]:
+    """Print each way's runs (min, median, quiet ones); return the quiet times."""
+    width = max(len(label), *map(len, names))
+    quiet = {name: quiet_runs(times[name], others[name]) for name in names}
+    print()
+    print(
+        f"{label:<{width}} {'min s':>7} {'median s':>9} {'quiet':>6} "
+        f"{'quiet med s':>12}   runs s (others, cores)"
+    )
+    for name in names:
+        runs = " ".join(
+            f"{t:.2f} ({o:.2f})" for t, o in zip(times[name], others[name], strict=True)
+        )
+        quiet_median = (
+            f"{statistics.median(quiet[name]):12.2f}" if quiet[name] else f"{'-':>12}"
+        )
+        print(
+            f"{name:<{width}} {min(times[name]):7.2f} "
+            f"{statistics.median(times[name]):9.2f} "
+            f"{len(quiet[name]):>2}/{len(times[name]):<3} {quiet_median}   {runs}"
+        )
+    print(
+        f"others: CPU that other processes used during the run, in cores; quiet: runs "
+        f"with others <= {quiet_limit():g}"
+    )
+    return quiet

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,13 +58,10 @@ from _common import (
     WARMUP_STEPS,
     WIDTHS,
     build,
-    busy_seconds,
     load_average,
-    own_seconds,
-    quiet_limit,
-    quiet_runs,
+    print_runs,
     start,
-    synchronize,
+    timed,
 )
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -106,30 +101,6 @@ def torchvision_root() -> Path:
         f"No extracted MNIST entry for {mirror} under {config.cache_dir() / 'data'}; "
         "call neuronlib.data.load('mnist') first."
     )
-
-
-def timed(body: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """Run ``body`` once; return its wall time and what others used meanwhile.
-
-    Returns:
-        ``(seconds, others)``: the wall time, and the CPU time that other processes
-        used during it divided by that wall time, in cores (NaN where
-        ``/proc/stat`` cannot be read). On a 2-core machine, ``others`` near 0 means
-        the run had both cores; 0.5 or more means another process took a good share
-        of one, and the run's time says little.
-    """
-    synchronize(device)
-    busy, own = busy_seconds(), own_seconds()
-    start = time.perf_counter()
-    body()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    busy_after, own_after = busy_seconds(), own_seconds()
-
-    if busy is None or busy_after is None:
-        return seconds, math.nan
-    others = (busy_after - busy) - (own_after - own)
-    return seconds, max(others, 0.0) / seconds
 
 
 def neuronlib_way(splits: nldata.Splits, device: torch.device) -> Callable[[], None]:
@@ -223,30 +194,8 @@ def print_table(
     during it. The ratios use the medians of the quiet runs when every way has one, else
     the medians of all runs (and say so).
     """
-    quiet = {name: quiet_runs(times[name], others[name]) for name in names}
+    quiet = print_runs("way", names, times, others)
     use_quiet = all(quiet.values())
-
-    print()
-    print(
-        f"{'way':<24} {'min s':>7} {'median s':>9} {'quiet':>6} {'quiet med s':>12}"
-        "   runs s (others, cores)"
-    )
-    for name in names:
-        runs = " ".join(
-            f"{t:.2f} ({o:.2f})" for t, o in zip(times[name], others[name], strict=True)
-        )
-        quiet_median = (
-            f"{statistics.median(quiet[name]):12.2f}" if quiet[name] else f"{'-':>12}"
-        )
-        print(
-            f"{name:<24} {min(times[name]):7.2f} "
-            f"{statistics.median(times[name]):9.2f} "
-            f"{len(quiet[name]):>2}/{len(times[name]):<3} {quiet_median}   {runs}"
-        )
-    print(
-        f"others: CPU that other processes used during the run, in cores; quiet: runs "
-        f"with others <= {quiet_limit():g}"
-    )
     print()
     if use_quiet:
         print("ratios of the medians of the quiet runs:")

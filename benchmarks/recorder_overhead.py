@@ -46,9 +46,7 @@ The exit code is 0 whatever the timings; the target is printed as PASS or FAIL.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
-import time
 from importlib.metadata import version
 
 import torch
@@ -60,13 +58,11 @@ from _common import (
     WARMUP_STEPS,
     WIDTHS,
     build,
-    busy_seconds,
     load_average,
-    own_seconds,
+    print_runs,
     quiet_limit,
-    quiet_runs,
     start,
-    synchronize,
+    timed,
 )
 
 from neuronlib import data as nldata
@@ -115,17 +111,10 @@ def run(
         recorder = make_recorder(model, splits, quantities)
         probes.append(recorder)
 
-    synchronize(device)
-    busy, own = busy_seconds(), own_seconds()
-    start = time.perf_counter()
-    fit(model, loader, optimizer=optimizer, epochs=epochs, probes=probes)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    busy_after, own_after = busy_seconds(), own_seconds()
-
-    if busy is None or busy_after is None:
-        return seconds, math.nan, recorder
-    others = max((busy_after - busy) - (own_after - own), 0.0) / seconds
+    seconds, others = timed(
+        lambda: fit(model, loader, optimizer=optimizer, epochs=epochs, probes=probes),
+        device,
+    )
     return seconds, others, recorder
 
 
@@ -262,10 +251,6 @@ def main() -> None:
         print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
 
     limit = quiet_limit()
-    quiet = {
-        setting: quiet_runs(times[setting], others[setting])
-        for setting in ("off", "on")
-    }
     # Each repeat times off and on back to back (in alternating order), so their
     # ratio is little affected by the machine's drift over minutes; the median of
     # these paired ratios is the headline figure.
@@ -277,30 +262,7 @@ def main() -> None:
     quiet_pairs = [pair for pair, calm in zip(pairs, pair_quiet, strict=True) if calm]
     use_quiet = bool(quiet_pairs)
 
-    print()
-    print(
-        f"{'recorder':<10} {'min s':>7} {'median s':>9} {'quiet':>6} "
-        f"{'quiet med s':>12}   runs s (others, cores)"
-    )
-    for setting in ("off", "on"):
-        runs = " ".join(
-            f"{t:.2f} ({o:.2f})"
-            for t, o in zip(times[setting], others[setting], strict=True)
-        )
-        quiet_median = (
-            f"{statistics.median(quiet[setting]):12.2f}"
-            if quiet[setting]
-            else f"{'-':>12}"
-        )
-        print(
-            f"{setting:<10} {min(times[setting]):7.2f} "
-            f"{statistics.median(times[setting]):9.2f} "
-            f"{len(quiet[setting]):>2}/{len(times[setting]):<3} {quiet_median}   {runs}"
-        )
-    print(
-        f"others: CPU that other processes used during the run, in cores; quiet: runs "
-        f"with others <= {limit:g}"
-    )
+    print_runs("recorder", ["off", "on"], times, others)
     print(
         "on / off per repeat: "
         + " ".join(
