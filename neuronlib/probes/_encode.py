@@ -29,10 +29,6 @@ logger = logging.getLogger(__name__)
 # (which keeps their sign, zero included).
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
-# Multiplying a little-endian 32-bit word whose four bytes are codes below 4 by this
-# puts code t of the word at bits 24 + 2t (see signs._GATHER, the same constant).
-_GATHER = (1 << 24) | (1 << 18) | (1 << 12) | (1 << 6)
-
 _UNSET = object()
 _kernels: object = _UNSET
 
@@ -51,6 +47,10 @@ def _compile() -> Kernels | None:
         import numba
     except ImportError:
         return None
+
+    # The torch path's packing constant: a little-endian 32-bit word of four codes
+    # below 4, times it, has code t of the word at bits 24 + 2t.
+    from neuronlib.probes.signs import _GATHER
 
     gather = np.uint32(_GATHER)
     two = np.uint8(2)
@@ -72,7 +72,7 @@ def _compile() -> Kernels | None:
             for k in range(width):
                 value = grad[i, k]
                 codes[k] = two + np.uint8(value > 0) - np.uint8(value < 0)
-            # Four codes to a byte: bits 24 to 31 of word * _GATHER. (Writing
+            # Four codes to a byte: bits 24 to 31 of word * gather. (Writing
             # through a slice of the row, not packed[i, byte + j], lets the compiler
             # vectorize this loop: it is eight times faster.)
             row = packed[i, byte : byte + num_bytes]

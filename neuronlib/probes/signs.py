@@ -1176,7 +1176,7 @@ class GradientSignRecorder(_SignReader):
     def _lookup_table(self) -> memoryview:
         """The sample look-up table as a memoryview: dataset index -> row (-1)."""
         if self._lookup_view is None:
-            self._lookup_view = memoryview(self._lookup.numpy())
+            self._lookup_view = memoryview(self._lookup_array)
         return self._lookup_view
 
     def _settle_neurons(self, name: str, width: int | None) -> None:
