@@ -30,38 +30,34 @@ def test_the_kernels_are_available_here_and_agree_with_torch(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("width", [1, 4, 7, 1024, 1027])
-def test_encode_writes_packed_codes_at_the_offset_and_nothing_else(
+def test_encode_writes_packed_codes_to_the_rows_at_the_offset_and_nothing_else(
     kernels, dtype, width
 ):
     torch.manual_seed(0)
     grad = torch.randn(9, width, dtype=dtype)
     grad[grad.abs() < 0.5] = 0.0  # exact zeros, as ReLU gives
     num_bytes = -(-width // 4)
-    packed = np.full((12, num_bytes + 5), 0x5A, dtype=np.uint8)
+    record = np.full((15, num_bytes + 5), 0x5A, dtype=np.uint8)
+    rows = np.array([14, 0, 3, 7, 2, 9, 11, 5, 1], dtype=np.int64)
     codes = np.full(4 * (num_bytes + 2), 0xFF, dtype=np.uint8)  # stale scratch
-    kernels.encode(grad.numpy(), packed, 2, codes)
+    assert kernels.encode(grad.numpy(), record, rows, 2, codes) == -1
     want = pack_codes(sign_codes(grad)).numpy()
-    assert np.array_equal(packed[:9, 2 : 2 + num_bytes], want)
-    # Bytes before and after the segment, and rows beyond the gradient's: untouched.
-    assert (packed[:9, :2] == 0x5A).all()
-    assert (packed[:9, 2 + num_bytes :] == 0x5A).all()
-    assert (packed[9:] == 0x5A).all()
+    assert np.array_equal(record[rows, 2 : 2 + num_bytes], want)
+    # Bytes before and after the segment, and rows of no sample: untouched.
+    assert (record[rows, :2] == 0x5A).all()
+    assert (record[rows, 2 + num_bytes :] == 0x5A).all()
+    others = np.setdiff1d(np.arange(15), rows)
+    assert (record[others] == 0x5A).all()
 
 
-def test_scatter_copies_rows_and_refuses_rows_out_of_range(kernels):
-    packed = np.arange(24, dtype=np.uint8).reshape(6, 4)  # more rows than used
-    record = np.zeros((10, 4), dtype=np.uint8)
-    rows = np.array([9, 0, 4], dtype=np.int64)
-    assert kernels.scatter(packed, record, rows) == -1
-    want = np.zeros((10, 4), dtype=np.uint8)
-    want[rows] = packed[:3]
-    assert np.array_equal(record, want)
-
-    for bad in (10, -1):
-        before = record.copy()
-        stray = kernels.scatter(packed, record, np.array([1, bad], dtype=np.int64))
-        assert stray == 1
-        assert np.array_equal(record, before)  # nothing copied
+@pytest.mark.parametrize("bad", [15, -1])
+def test_encode_refuses_rows_out_of_range_and_writes_nothing(kernels, bad):
+    grad = torch.randn(3, 8)
+    record = np.zeros((15, 2), dtype=np.uint8)
+    rows = np.array([4, bad, 6], dtype=np.int64)
+    codes = np.zeros(8, dtype=np.uint8)
+    assert kernels.encode(grad.numpy(), record, rows, 0, codes) == 1
+    assert (record == 0).all()
 
 
 def test_find_rows_reads_the_range_and_looks_rows_up(kernels):
@@ -82,9 +78,10 @@ def test_find_rows_reads_the_range_and_looks_rows_up(kernels):
 def test_a_kernel_that_disagrees_is_not_used(fresh_kernels, monkeypatch, caplog):
     good = _encode._compile()
 
-    def off_by_one(grad, packed, byte, codes):
-        good.encode(grad, packed, byte, codes)
-        packed[0, byte] ^= 1
+    def off_by_one(grad, record, rows, byte, codes):
+        stray = good.encode(grad, record, rows, byte, codes)
+        record[rows[0], byte] ^= 1
+        return stray
 
     monkeypatch.setattr(_encode, "_compile", lambda: good._replace(encode=off_by_one))
     with caplog.at_level(logging.WARNING, logger=_encode.__name__):
@@ -98,7 +95,7 @@ def test_a_kernel_that_fails_is_not_used(fresh_kernels, monkeypatch, caplog):
     def broken(*args):
         raise TypeError("no matching definition")
 
-    monkeypatch.setattr(_encode, "_compile", lambda: good._replace(scatter=broken))
+    monkeypatch.setattr(_encode, "_compile", lambda: good._replace(find_rows=broken))
     with caplog.at_level(logging.WARNING, logger=_encode.__name__):
         assert _encode.kernels() is None
     assert "no matching definition" in caplog.text

@@ -924,17 +924,26 @@ def test_batch_size_mismatch_is_refused_where_the_input_is_not_seen(call, packin
             model(torch.randn(7, 4))
 
 
-def test_the_kernel_refuses_a_gradient_larger_than_its_scratch():
+def test_the_kernel_refuses_a_gradient_that_does_not_match_the_batch():
     recorder = _recorded_mlp(None, None)
     scratch = recorder._scratch
     assert scratch.compiled
     segment = recorder._segments[("act1", "activation")]
-    too_many = torch.zeros(scratch.rows + 1, segment.num_neurons)
-    with pytest.raises(RuntimeError, match="does not fit"):
-        signs_module._encode_into(scratch, segment, too_many)
-    too_wide = torch.zeros(scratch.rows, segment.num_neurons + 1)
-    with pytest.raises(RuntimeError, match="expected 8 neurons"):
-        signs_module._encode_into(scratch, segment, too_wide)
+    record = recorder._record_arrays[-1]
+    rows = np.arange(4, dtype=np.int64)
+    batch = signs_module._BatchRows(4, None, torch.from_numpy(rows), rows)
+    before = record.copy()
+    for shape in [
+        (5, segment.num_neurons),
+        (3, segment.num_neurons),
+        (4, segment.num_neurons + 1),
+        (4, segment.num_neurons, 2),
+    ]:
+        with pytest.raises(RuntimeError, match=r"expected \[4, 8\]"):
+            signs_module._encode_into(
+                scratch, segment, torch.zeros(shape), record, batch
+            )
+    assert np.array_equal(record, before)  # nothing written
 
 
 def test_a_deep_copy_taken_mid_epoch_records_into_its_own_record(packing):

@@ -4,10 +4,10 @@ The recorder's hot path runs inside every training step. With torch operators
 alone, turning a ``[B, K]`` gradient into packed codes takes several passes (sign,
 conversion to bytes, masking, gathering four codes to a byte), and on a training
 step each operator call costs tens of microseconds of dispatch with cold caches.
-:func:`kernels` compiles, with Numba, three loops: ``encode`` reads a gradient once
-and writes its packed codes into a buffer of packed rows; ``scatter`` copies those
-rows to their rows of the record; ``find_rows`` reads a batch's dataset indices
-(their range, and the record row of each through a look-up table). Where Numba is
+:func:`kernels` compiles, with Numba, two loops: ``encode`` reads a gradient once
+and writes its packed codes straight into the record, each sample's bytes in the
+sample's row; ``find_rows`` reads a batch's dataset indices (their range, and the
+record row of each through a look-up table). Where Numba is
 not installed or the compiled ``encode`` does not give
 :func:`neuronlib.probes.signs.pack_codes`'s bytes, :func:`kernels` returns None and
 the recorder keeps its torch path.
@@ -37,7 +37,6 @@ class Kernels(NamedTuple):
     """The compiled kernels (see the module docstring and :func:`kernels`)."""
 
     encode: Callable
-    scatter: Callable
     find_rows: Callable
 
 
@@ -58,41 +57,32 @@ def _compile() -> Kernels | None:
     jit = numba.njit(nogil=True, boundscheck=False, cache=False)
 
     @jit
-    def encode(grad, packed, byte, codes):  # pragma: no cover - compiled
-        # grad: float [n, K]; packed: uint8 [>= n, >= byte + ceil(K / 4)];
-        # codes: uint8 [4 * m] with m >= ceil(K / 4), a scratch row.
-        rows, width = grad.shape
+    def encode(grad, record, rows, byte, codes):  # pragma: no cover - compiled
+        # grad: float [n, K]; record: uint8 [S, >= byte + ceil(K / 4)]; rows:
+        # int64 [>= n], the record row of each gradient row; codes: uint8 [4 * m]
+        # with m >= ceil(K / 4), a scratch row. Returns the position of the first
+        # row out of range (and writes nothing), or -1.
+        count, width = grad.shape
+        size = record.shape[0]
+        for i in range(count):
+            if rows[i] < 0 or rows[i] >= size:
+                return i
         num_bytes = (width + 3) // 4
         words = codes.view(np.uint32)
         for k in range(width, 4 * num_bytes):
             codes[k] = 0  # padding neurons: NOT_RECORDED
-        for i in range(rows):
+        for i in range(count):
             # The sign plus two, one byte per neuron (NaN counts as zero, as in
             # sign_codes); a loop the compiler vectorizes.
             for k in range(width):
                 value = grad[i, k]
                 codes[k] = two + np.uint8(value > 0) - np.uint8(value < 0)
             # Four codes to a byte: bits 24 to 31 of word * gather. (Writing
-            # through a slice of the row, not packed[i, byte + j], lets the compiler
-            # vectorize this loop: it is eight times faster.)
-            row = packed[i, byte : byte + num_bytes]
+            # through a slice of the row, not record[r, byte + j], lets the
+            # compiler vectorize this loop: it is eight times faster.)
+            target = record[rows[i], byte : byte + num_bytes]
             for j in range(num_bytes):
-                row[j] = np.uint8((words[j] * gather) >> top)
-
-    @jit
-    def scatter(packed, record, rows):  # pragma: no cover - compiled
-        # Row i of packed [>= n, W] to row rows[i] of record [S, W]; returns the
-        # position of the first row out of range (and copies nothing), or -1.
-        count = rows.shape[0]
-        size = record.shape[0]
-        for i in range(count):
-            if rows[i] < 0 or rows[i] >= size:
-                return i
-        for i in range(count):
-            target = record[rows[i]]
-            source = packed[i]
-            for j in range(target.shape[0]):
-                target[j] = source[j]
+                target[j] = np.uint8((words[j] * gather) >> top)
         return -1
 
     @jit
@@ -118,7 +108,7 @@ def _compile() -> Kernels | None:
             found += row >= 0
         return low, high, found
 
-    return Kernels(encode, scatter, find_rows)
+    return Kernels(encode, find_rows)
 
 
 def _reference(grad: torch.Tensor) -> torch.Tensor:
@@ -132,32 +122,35 @@ def _agrees(compiled: Kernels) -> bool:
     """Whether the kernels give what torch gives.
 
     ``encode``: on every combination of four of -1, -0.0, 0, +1 and NaN, for
-    float32 and float64, with a width that is not a multiple of four and an offset
-    into a row. ``scatter`` and ``find_rows``: on a small example.
+    float32 and float64, with a width that is not a multiple of four, an offset
+    into a row and rows in another order; and a row out of range must write
+    nothing. ``find_rows``: on a small example.
     """
     values = torch.tensor([-1.0, -0.0, 0.0, 1.0, float("nan")])
     grad = torch.cartesian_prod(*[values] * 4)  # [625, 4]
     grad = torch.cat([grad, grad[:, :3]], dim=1)  # width 7: one padded byte
+    count = grad.shape[0]
+    rows = np.arange(count, dtype=np.int64)[::-1].copy()  # reversed, and one spare
     for dtype in KERNEL_DTYPES:
         typed = grad.to(dtype)
         want = _reference(typed)
-        packed = np.full((typed.shape[0], 5), 0xFF, dtype=np.uint8)
+        record = np.full((count + 1, 6), 0xFF, dtype=np.uint8)
         codes = np.zeros(8, dtype=np.uint8)
-        compiled.encode(typed.numpy(), packed, 3, codes)
-        if not np.array_equal(packed[:, 3:], want.numpy()):
+        if compiled.encode(typed.numpy(), record, rows, 3, codes) != -1:
             return False
-        if (packed[:, :3] != 0xFF).any():  # bytes before the offset untouched
+        if not np.array_equal(record[rows, 3:5], want.numpy()):
             return False
-
-    packed = np.arange(12, dtype=np.uint8).reshape(4, 3)
-    record = np.zeros((5, 3), dtype=np.uint8)
-    rows = np.array([4, 0, 2], dtype=np.int64)
-    if compiled.scatter(packed, record, rows) != -1:
-        return False
-    want = np.zeros((5, 3), dtype=np.uint8)
-    want[rows] = packed[:3]
-    if not np.array_equal(record, want):
-        return False
+        untouched = np.ones(record.shape, dtype=bool)
+        untouched[rows, 3:5] = False
+        if (record[untouched] != 0xFF).any():  # other bytes and rows untouched
+            return False
+        stray = rows.copy()
+        stray[7] = count + 1
+        record[:] = 0xFF
+        if compiled.encode(typed.numpy(), record, stray, 3, codes) != 7:
+            return False
+        if (record != 0xFF).any():
+            return False
 
     index = np.array([5, 1, 9], dtype=np.int64)
     table = np.array([-1, 0, -1, -1, -1, 1, -1], dtype=np.int64)
@@ -169,13 +162,12 @@ def _agrees(compiled: Kernels) -> bool:
 def kernels() -> Kernels | None:
     """The compiled kernels, or None.
 
-    ``encode(grad, packed, byte, codes)`` writes the packed codes of row ``i`` of
-    ``grad`` (a C-contiguous float32 or float64 array ``[n, K]``) to bytes
-    ``[byte, byte + ceil(K / 4))`` of row ``i`` of ``packed`` (``uint8``), using
-    ``codes`` (``uint8``, length a multiple of four and at least
-    ``4 * ceil(K / 4)``) as scratch. ``scatter(packed, record, rows)`` copies row
-    ``i`` of ``packed`` to row ``rows[i]`` of ``record`` and returns -1, or, if a
-    row is out of range, its position (having copied nothing).
+    ``encode(grad, record, rows, byte, codes)`` writes the packed codes of row
+    ``i`` of ``grad`` (a C-contiguous float32 or float64 array ``[n, K]``) to
+    bytes ``[byte, byte + ceil(K / 4))`` of row ``rows[i]`` of ``record``
+    (``uint8``), using ``codes`` (``uint8``, length a multiple of four and at
+    least ``4 * ceil(K / 4)``) as scratch, and returns -1; if a row is out of
+    range it returns that row's position and writes nothing.
     ``find_rows(index, table, rows)`` returns the smallest and largest dataset
     index and how many have a row, and writes each one's row (-1: none) to
     ``rows``; an empty ``table`` means the row is the index.

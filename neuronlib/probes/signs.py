@@ -565,12 +565,15 @@ class _BatchRows:
     """Where the samples of the current batch go.
 
     ``size`` is the batch size; ``select`` the positions in the batch of tracked
-    samples (None when every sample is tracked); ``rows`` their rows in the record.
+    samples (None when every sample is tracked); ``rows`` their rows in the record,
+    and ``rows_array`` the same as a NumPy array for the compiled kernels (None
+    off the CPU).
     """
 
     size: int
     select: Tensor | None
     rows: Tensor
+    rows_array: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -601,16 +604,16 @@ class _Scratch:
     step every extra operator call costs tens of microseconds; so the tensors and
     the views that the hooks and the packing write to are made once, for the
     largest batch seen (and again only for a larger batch or another device).
-    ``packed`` holds the packed codes of the batch, one row per sample, every layer
-    and quantity side by side (``uint8`` ``[rows, row bytes]``).
 
     With the compiled kernels (``kernels``, on the CPU), the hooks write straight
-    into ``packed`` (through its NumPy view ``packed_array``), with ``codes_array``
-    as the kernel's scratch row. Otherwise ``signs`` holds one row of signs per
-    sample (``int8`` ``[rows, 4 * row bytes]``), ``columns`` its part for each
-    layer and quantity, ``words`` the packing's scratch, and ``sign_out`` the
-    output of ``torch.sign``, ``[rows, K]`` for each width, dtype and device of
-    the gradients; the packing turns ``signs`` into ``packed``.
+    into the record, and the only scratch is ``codes_array``, the kernel's row of
+    codes. Otherwise ``signs`` holds one row of signs per sample (``int8``
+    ``[rows, 4 * row bytes]``), ``columns`` its part for each layer and quantity,
+    ``words`` the packing's scratch, ``sign_out`` the output of ``torch.sign``,
+    ``[rows, K]`` for each width, dtype and device of the gradients, and
+    ``packed`` the packed codes of the batch, one row per sample, every layer and
+    quantity side by side (``uint8`` ``[rows, row bytes]``): the packing turns
+    ``signs`` into ``packed``, which one row copy moves into the record.
     """
 
     def __init__(
@@ -625,13 +628,12 @@ class _Scratch:
         self.device = device
         self.kernels = kernels
         self.compiled = kernels is not None
-        self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
         self.sign_out: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         if kernels is not None:
-            # The compiled kernel writes packed codes straight into ``packed``.
-            self.packed_array = self.packed.numpy()
+            # The compiled kernel writes packed codes straight into the record.
             self.codes_array = np.zeros(row_bytes * CODES_PER_BYTE, dtype=np.uint8)
             return
+        self.packed = torch.empty((rows, row_bytes), dtype=torch.uint8, device=device)
         # Columns that pad a layer to whole bytes keep _PAD_SIGN, whose code is
         # NOT_RECORDED; the others are overwritten batch by batch.
         self.signs = torch.full(
@@ -677,21 +679,18 @@ class GradientSignRecorder(_SignReader):
     No extra forward or backward pass runs.
 
     The hot path is kept short. On the CPU, with the compiled kernels of
-    :mod:`neuronlib.probes._encode` (Numba), each tensor hook makes one pass over
-    its gradient that writes the packed codes of the whole batch into its columns
-    of a scratch buffer of packed rows (``uint8`` ``[B, row bytes]``, reused from
-    batch to batch); when the batch's last gradient has arrived (or at the end of
-    the batch, if a layer got none), one compiled copy moves the rows into the
-    record. Elsewhere (on a GPU, or without Numba) each hook writes its gradient's
-    signs, one byte each, into an ``int8`` scratch buffer, and four integer
-    operations then pack the signs of the whole batch, every layer and quantity at
-    once, before one row copy. Both give the same bytes (the kernels are checked
-    against torch before they are used). A record is one ``uint8`` tensor
-    ``[S, bytes]`` that holds, side by side, the packed codes of every layer and
-    quantity; :meth:`packed` cuts out one of them. Besides the records, the
-    recorder keeps only its scratch: ``B`` packed rows with the kernels, about
-    ``2.25 * B * sum(K)`` bytes over all layers and quantities plus one
-    gradient-sized tensor per gradient width without them.
+    :mod:`neuronlib.probes._encode` (Numba), each tensor hook makes one pass over its
+    gradient that writes the packed codes of the whole batch straight into its bytes of
+    the samples' record rows. Elsewhere (on a GPU, or without Numba) each hook writes
+    its gradient's signs, one byte each, into an ``int8`` scratch buffer, and four
+    integer operations then pack the signs of the whole batch, every layer and quantity
+    at once, before one row copy. Both give the same bytes (the kernels are checked
+    against torch before they are used). A record is one ``uint8`` tensor ``[S, bytes]``
+    that holds, side by side, the packed codes of every layer and quantity;
+    :meth:`packed` cuts out one of them. Besides the records, the recorder keeps only
+    its scratch: one row of codes with the kernels, about ``2.25 * B * sum(K)`` bytes
+    over all layers and quantities plus one gradient-sized tensor per gradient width
+    without them.
 
     It follows the probe protocol of :func:`neuronlib.train.fit`: pass it in
     ``probes=`` and it records on the epochs it is asked to. Batches must carry
@@ -985,10 +984,10 @@ class GradientSignRecorder(_SignReader):
                 "or samples=subset.index."
             )
         if found == count:  # every sample of the batch is tracked
-            self._arm(_BatchRows(count, None, rows))
+            self._arm(count, None, rows)
         elif found:
             select = (rows >= 0).nonzero().squeeze(1)
-            self._arm(_BatchRows(count, select, rows[select]))
+            self._arm(count, select, rows[select])
 
     def _rows_of(self, index: Tensor) -> tuple[int, int, Tensor, int]:
         """Read a batch's dataset indices (``int64``, not empty).
@@ -1015,11 +1014,12 @@ class GradientSignRecorder(_SignReader):
         # been pushed out of the caches): one compiled pass, or Python integers.
         kernels = _encode.kernels()
         if kernels is not None:
-            index = index.contiguous()
-            rows = torch.empty(count, dtype=torch.int64)
+            rows_array = np.empty(count, dtype=np.int64)
             table = _NO_TABLE if self._every_index else self._lookup_array
-            low, high, found = kernels.find_rows(index.numpy(), table, rows.numpy())
-            return low, high, rows, found
+            low, high, found = kernels.find_rows(
+                index.contiguous().numpy(), table, rows_array
+            )
+            return low, high, torch.from_numpy(rows_array), found
         values = index.tolist()
         low, high = min(values), max(values)
         if self._every_index:
@@ -1235,8 +1235,10 @@ class GradientSignRecorder(_SignReader):
             # For the compiled kernels, which write CPU records through NumPy.
             self._record_arrays.append(record.numpy() if record.is_cpu else None)
 
-    def _arm(self, batch: _BatchRows) -> None:
-        """Arm for ``batch``: hooks of the coming forward pass write to scratch."""
+    def _arm(self, size: int, select: Tensor | None, rows: Tensor) -> None:
+        """Arm for a batch: hooks of the coming forward pass record its samples."""
+        rows_array = rows.numpy() if rows.device.type == "cpu" else None
+        batch = _BatchRows(size, select, rows, rows_array)
         self._batch = self._pending = batch
         self._written = set()
         if self._segments is not None:
@@ -1269,24 +1271,15 @@ class GradientSignRecorder(_SignReader):
         if batch is None or not written or self._segments is None:
             return
 
+        # Only the torch path stages: the compiled kernels write to the record.
         scratch = self._scratch
         count = batch.rows.numel()
         packed = scratch.packed if count == scratch.rows else scratch.packed[:count]
-        if not scratch.compiled:  # the hooks wrote signs: pack them
-            signs, words = scratch.signs, scratch.words
-            if count != scratch.rows:
-                signs, words = signs[:count], words[:count]
-            packed = _pack_signs(signs, words, packed)  # [count, row bytes]
+        signs, words = scratch.signs, scratch.words
+        if count != scratch.rows:
+            signs, words = signs[:count], words[:count]
+        packed = _pack_signs(signs, words, packed)  # [count, row bytes]
         if len(written) == len(self._segments):
-            if scratch.compiled:  # the kernels run only for CPU records
-                stray = scratch.kernels.scatter(
-                    scratch.packed_array, self._record_arrays[-1], batch.rows.numpy()
-                )
-                if stray >= 0:  # start_batch keeps rows in range: a bug if seen
-                    raise IndexError(
-                        f"Record row {int(batch.rows[stray])} is out of range."
-                    )
-                return
             word = self._record_words[-1]
             # index_put_ rather than index_copy_: the same rows written, in about
             # half the time on the CPU.
@@ -1387,14 +1380,14 @@ class GradientSignRecorder(_SignReader):
             grad = grad.index_select(1, self._on(grad.device, segment.layer, neurons))
         if grad.dim() > 2:
             grad = reduce_channels(grad, self.conv_reduce)
-        if scratch.compiled:
-            _encode_into(scratch, segment, grad)
-        else:
-            columns = scratch.columns[key]
-            if grad.shape[0] != scratch.rows:
-                columns = columns[: grad.shape[0]]
-            # Signs, not codes: _pack_signs turns them into codes while packing.
-            columns.copy_(scratch.sign_of(grad))
+        if scratch.compiled:  # straight into the record's rows
+            _encode_into(scratch, segment, grad, self._record_arrays[-1], batch)
+            return
+        columns = scratch.columns[key]
+        if grad.shape[0] != scratch.rows:
+            columns = columns[: grad.shape[0]]
+        # Signs, not codes: _pack_signs turns them into codes while packing.
+        columns.copy_(scratch.sign_of(grad))
         self._written.add(key)
         if len(self._written) == len(self._segments):
             # The batch's last gradient: pack now, while the buffer is in the
@@ -1414,8 +1407,16 @@ def _check_batch_size(name: str, batch: _BatchRows, tensor: Tensor) -> None:
         )
 
 
-def _encode_into(scratch: _Scratch, segment: _Segment, grad: Tensor) -> None:
-    """Write the packed codes of ``grad`` [n, K] to ``segment``'s bytes of scratch.
+def _encode_into(
+    scratch: _Scratch,
+    segment: _Segment,
+    grad: Tensor,
+    record: np.ndarray,
+    batch: _BatchRows,
+) -> None:
+    """Write the packed codes of ``grad`` [n, K] into the batch's rows of ``record``.
+
+    They go to ``segment``'s bytes of each row.
 
     The compiled ``encode`` of :mod:`neuronlib.probes._encode` reads C-contiguous
     float32 or float64 CPU arrays; anything else is converted first (a conversion
@@ -1429,20 +1430,26 @@ def _encode_into(scratch: _Scratch, segment: _Segment, grad: Tensor) -> None:
         grad = grad.cpu()
     if not grad.is_contiguous():
         grad = grad.contiguous()
-    # The kernel does not check bounds: refuse what it could write past.
-    if grad.dim() != 2 or grad.shape[0] > scratch.rows:
+    # The kernel does not check bounds (beyond the record's rows): refuse what it
+    # could read or write past.
+    rows = batch.rows_array
+    if (
+        grad.dim() != 2
+        or grad.shape[1] != segment.num_neurons
+        or rows is None
+        or rows.shape[0] != grad.shape[0]
+    ):
+        expected = "?" if rows is None else rows.shape[0]
         raise RuntimeError(
-            f"Gradient of shape {tuple(grad.shape)} for {segment.layer!r} does not "
-            f"fit the recorder's batch of {scratch.rows} rows."
+            f"Gradient of shape {tuple(grad.shape)} for {segment.layer!r}: expected "
+            f"[{expected}, {segment.num_neurons}], the batch's tracked samples by "
+            "the layer's tracked neurons."
         )
-    if grad.shape[1] != segment.num_neurons:
-        raise RuntimeError(
-            f"Gradient of shape {tuple(grad.shape)} for {segment.layer!r}: "
-            f"expected {segment.num_neurons} neurons."
-        )
-    scratch.kernels.encode(
-        grad.numpy(), scratch.packed_array, segment.byte, scratch.codes_array
+    stray = scratch.kernels.encode(
+        grad.numpy(), record, rows, segment.byte, scratch.codes_array
     )
+    if stray >= 0:  # start_batch keeps rows in range: a bug if seen
+        raise IndexError(f"Record row {int(rows[stray])} is out of range.")
 
 
 def _word_dtype(num_bytes: int) -> torch.dtype:
