@@ -946,6 +946,39 @@ def test_the_kernel_refuses_a_gradient_that_does_not_match_the_batch():
     assert np.array_equal(record, before)  # nothing written
 
 
+def test_the_direct_path_takes_plain_gradients_and_hands_others_on_unchanged():
+    torch.manual_seed(0)
+    model = mlp_model(widths=(8, 7))
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES).attach()
+    recorder.start_epoch(0)
+    index = torch.tensor([20, 3, 11, 7])
+    recorder.start_batch(index)
+    batch = recorder._pending
+    assert batch.direct is not None  # CPU, compiled, every sample and neuron
+    F.cross_entropy(model(x[index]), y[index]).backward()
+
+    key = ("act2", "activation")
+    byte, width = recorder._columns_of[key]
+    record = recorder._records[-1]
+    generator = torch.Generator().manual_seed(1)
+    grad = torch.randn(4, width, generator=generator, dtype=torch.float64)
+    grad[grad.abs() < 0.4] = 0.0
+    want = pack_codes(sign_codes(grad))
+    for given in [
+        grad,  # taken as it comes
+        grad.float(),
+        grad.t().contiguous().t(),  # not C-contiguous: TypeError, then converted
+        grad.half(),  # a dtype the kernel was not compiled for
+        grad.bfloat16(),  # one NumPy does not have
+        grad.clone().requires_grad_(),  # create_graph=True: numpy() refuses it
+    ]:
+        record[index, byte : byte + want.shape[1]] = 0
+        recorder._stage(key, batch, given)
+        assert torch.equal(record[index, byte : byte + want.shape[1]], want), given
+    recorder.remove()
+
+
 def test_a_deep_copy_taken_mid_epoch_records_into_its_own_record(packing):
     torch.manual_seed(0)
     model = mlp_model()

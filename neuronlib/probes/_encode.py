@@ -55,8 +55,15 @@ def _compile() -> Kernels | None:
     two = np.uint8(2)
     top = np.uint32(24)
     jit = numba.njit(nogil=True, boundscheck=False, cache=False)
+    # encode is compiled for these types only (C-contiguous arrays), so that a
+    # call with anything else raises TypeError rather than compiling a variant
+    # in the middle of a training step; the recorder then converts and calls again.
+    encode_types = [
+        f"int64({grad}[:, ::1], uint8[:, ::1], int64[::1], int64, uint8[::1])"
+        for grad in ("float32", "float64")
+    ]
 
-    @jit
+    @numba.njit(encode_types, nogil=True, boundscheck=False, cache=False)
     def encode(grad, record, rows, byte, codes):  # pragma: no cover - compiled
         # grad: float [n, K]; record: uint8 [S, >= byte + ceil(K / 4)]; rows:
         # int64 [>= n], the record row of each gradient row; codes: uint8 [4 * m]

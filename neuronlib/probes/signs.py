@@ -567,13 +567,16 @@ class _BatchRows:
     ``size`` is the batch size; ``select`` the positions in the batch of tracked
     samples (None when every sample is tracked); ``rows`` their rows in the record,
     and ``rows_array`` the same as a NumPy array for the compiled kernels (None
-    off the CPU).
+    off the CPU). ``direct``, where the compiled ``encode`` can take a layer's
+    gradient as it comes (every sample and neuron of the batch tracked, a CPU
+    record), holds its other arguments: ``(encode, record, rows, codes)``.
     """
 
     size: int
     select: Tensor | None
     rows: Tensor
     rows_array: np.ndarray | None = None
+    direct: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -1218,6 +1221,13 @@ class GradientSignRecorder(_SignReader):
                 column += segment.num_bytes * CODES_PER_BYTE
         self._segments = segments
         self._row_bytes = column // CODES_PER_BYTE
+        # For the hot path: where each layer and quantity goes, and whether every
+        # neuron of every layer is tracked (gradients then go to the kernel whole).
+        self._columns_of = {
+            key: (segment.byte, segment.num_neurons)
+            for key, segment in segments.items()
+        }
+        self._every_neuron = all(self._requested[n] is None for n in self.layers)
         self._grow(self._where[0])
 
     def _grow(self, device: torch.device) -> None:
@@ -1238,11 +1248,25 @@ class GradientSignRecorder(_SignReader):
     def _arm(self, size: int, select: Tensor | None, rows: Tensor) -> None:
         """Arm for a batch: hooks of the coming forward pass record its samples."""
         rows_array = rows.numpy() if rows.device.type == "cpu" else None
-        batch = _BatchRows(size, select, rows, rows_array)
-        self._batch = self._pending = batch
-        self._written = set()
+        direct = None
         if self._segments is not None:
-            self._prepare_scratch(batch.size)
+            scratch = self._prepare_scratch(size)
+            record = self._record_arrays[-1]
+            if (
+                scratch.compiled
+                and select is None
+                and self._every_neuron
+                and record is not None
+                and rows_array is not None
+            ):
+                direct = (
+                    scratch.kernels.encode,
+                    record,
+                    rows_array,
+                    scratch.codes_array,
+                )
+        self._batch = self._pending = _BatchRows(size, select, rows, rows_array, direct)
+        self._written = set()
 
     def _prepare_scratch(self, rows: int) -> _Scratch:
         """The hot path's buffers, with room for ``rows`` samples."""
@@ -1368,6 +1392,26 @@ class GradientSignRecorder(_SignReader):
         """Tensor hook: write the signs of one layer's gradient to scratch."""
         if batch is not self._pending:  # its batch was already written
             return
+        direct = batch.direct
+        if direct is not None:  # the common case on the CPU: as few steps as can be
+            encode, record, rows, codes = direct
+            byte, width = self._columns_of[key]
+            try:
+                array = grad.numpy()  # refuses a gradient that needs grad, or a GPU's
+                if (
+                    array.ndim == 2
+                    and array.shape[0] == rows.shape[0]
+                    and array.shape[1] == width
+                ):
+                    # Raises TypeError for a dtype or layout it was not compiled for.
+                    stray = encode(array, record, rows, byte, codes)
+                    if stray >= 0:  # start_batch keeps rows in range: a bug if seen
+                        raise IndexError(
+                            f"Record row {int(rows[stray])} is out of range."
+                        )
+                    return
+            except (RuntimeError, TypeError):
+                pass  # the general path below converts what needs converting
         scratch = self._scratch
         if scratch is None or scratch.rows < batch.size:
             scratch = self._first_scratch(batch.size)
