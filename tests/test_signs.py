@@ -17,6 +17,7 @@ from neuronlib.probes import _encode as encode_module
 from neuronlib.probes import signs as signs_module
 from neuronlib.probes.signs import (
     NEGATIVE,
+    NOT_RECORDED,
     POSITIVE,
     ZERO,
     _pack_signs,
@@ -821,6 +822,8 @@ def test_width_of_a_custom_model_is_learnt_at_the_first_forward():
         (dict(samples=[]), r"non-empty"),
         (dict(), r"num_samples=len\(train\)"),
         (dict(num_samples=0), r"num_samples"),
+        (dict(num_samples=4.0), r"num_samples 4.0; pass the dataset size, an int"),
+        (dict(num_samples=True), r"num_samples True"),
         (dict(num_samples=4, conv_reduce="mean"), r"conv_reduce 'mean'"),
         (dict(num_samples=4, quantities=("gradient",)), r"quantities"),
         (dict(num_samples=4, epochs=[0, -1]), r"epochs count from 0"),
@@ -832,6 +835,8 @@ def test_width_of_a_custom_model_is_learnt_at_the_first_forward():
         "samples-empty",
         "no-samples-nor-size",
         "size-zero",
+        "size-float",
+        "size-bool",
         "conv-reduce",
         "quantity",
         "epoch-negative",
@@ -840,6 +845,27 @@ def test_width_of_a_custom_model_is_learnt_at_the_first_forward():
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientSignRecorder(mlp_model(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "size", [np.int64(NUM_SAMPLES), torch.tensor(NUM_SAMPLES)], ids=["numpy", "tensor"]
+)
+def test_num_samples_may_be_any_integer(size):
+    recorder = GradientSignRecorder(mlp_model(), num_samples=size)
+    assert recorder.sample_index.tolist() == list(range(NUM_SAMPLES))
+    with recorder:
+        recorder.start_epoch(0)
+        with pytest.raises(ValueError, match=rf"outside \[0, {NUM_SAMPLES}\)"):
+            recorder.start_batch(torch.tensor([NUM_SAMPLES]))
+
+
+def test_a_sequence_activation_gets_told_which_axis_holds_the_neurons():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    with GradientSignRecorder(model, ["1"], num_samples=4) as recorder:
+        recorder.start_epoch(0)
+        recorder.start_batch(torch.arange(4))
+        with pytest.raises(ValueError, match=r"axis 1 as the neurons.*\[B, T, K\]"):
+            model(torch.randn(4, 5, 8))  # [B, T, K]: axis 1 is T
 
 
 class PlainBatch(NamedTuple):
@@ -972,6 +998,7 @@ def test_the_direct_path_takes_plain_gradients_and_hands_others_on_unchanged():
         grad.half(),  # a dtype the kernel was not compiled for
         grad.bfloat16(),  # one NumPy does not have
         grad.clone().requires_grad_(),  # create_graph=True: numpy() refuses it
+        torch._neg_view(-grad),  # a lazily negated view: no NumPy view of its own
     ]:
         record[index, byte : byte + want.shape[1]] = 0
         recorder._stage(key, batch, given)
@@ -1005,6 +1032,48 @@ def test_a_deep_copy_taken_mid_epoch_records_into_its_own_record(packing):
             assert (got != 0).all(), (layer, quantity)  # both halves recorded
             # The twin's model is a copy: same weights, so the same signs.
             assert torch.equal(got, recorder.codes(layer, quantity))
+
+
+def test_a_deep_copy_of_an_attached_recorder_records_its_own_model(packing):
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    recorder = GradientSignRecorder(model, num_samples=NUM_SAMPLES).attach()
+    recorder.start_epoch(0)
+    twin = copy.deepcopy(recorder)
+    assert twin.attached and twin.model is not model
+    index = torch.arange(0, 10)
+    twin.start_batch(index)
+    F.cross_entropy(twin.model(x[index]), y[index]).backward()
+    twin.end_batch()
+    recorder.start_batch(index)  # armed, but its model does not train
+    recorder.end_batch()
+    for layer in recorder.layers:
+        assert (twin.codes(layer)[0, :10] != NOT_RECORDED).all()
+        assert (recorder.codes(layer) == NOT_RECORDED).all()  # nothing leaked in
+    twin.remove()
+    assert not twin.model.act1._forward_hooks and not twin.model.act1._forward_pre_hooks
+    assert model.act1._forward_hooks  # the original's hooks stay on its model
+    recorder.remove()
+
+
+def test_reading_between_forward_and_backward_keeps_the_batch(packing):
+    torch.manual_seed(0)
+    model = mlp_model()
+    x, y = data_for(model)
+    with GradientSignRecorder(model, num_samples=NUM_SAMPLES) as recorder:
+        recorder.start_epoch(0)
+        index = torch.arange(4, 12)
+        recorder.start_batch(index)
+        loss = F.cross_entropy(model(x[index]), y[index])
+        assert (recorder.codes("act1") == NOT_RECORDED).all()
+        recorder.snapshot()
+        loss.backward()
+        recorder.end_batch()
+        for layer in recorder.layers:
+            for quantity in recorder.quantities:
+                recorded = recorder.recorded(layer, quantity)[0]
+                assert recorded[4:12].all() and not recorded[:4].any()
 
 
 def test_reading_an_unrecorded_quantity_is_refused():

@@ -734,15 +734,21 @@ class GradientSignRecorder(_SignReader):
         zero. Activation gradients at positions that a following max-pool does
         not select are exactly zero and do not count.
 
-        In-place activations (``nn.ReLU(inplace=True)``) work: the tensor hook on
-        the pre-activation is registered before the module overwrites it, and
-        PyTorch then delivers the gradient with respect to the value before the
-        overwrite. A sample seen twice in a recorded epoch keeps the sign of its
-        last visit, and a second backward pass of a batch overwrites the signs of
-        the first. Gradients that need grad themselves (``create_graph=True``)
-        are read like any other. An activation module must run once per forward
-        pass; a module reused at several places of the network is not supported.
-        The backward pass of a batch must end before the next batch starts.
+        In-place activations (``nn.ReLU(inplace=True)``) work: the tensor hook on the
+        pre-activation is registered before the module overwrites it, and PyTorch then
+        delivers the gradient with respect to the value before the overwrite (except for
+        an in-place activation applied to a view of another tensor, such as
+        ``act(h[:, :5])``: PyTorch calls no tensor hook there, and the entries stay
+        :data:`NOT_RECORDED`). A sample seen twice in a recorded epoch keeps the sign of
+        its last visit, and a second backward pass of a batch overwrites the signs of
+        the first. Gradients that need grad themselves (``create_graph=True``) are read
+        like any other. An activation module must run once per forward pass; a module
+        reused at several places of the network is not supported. The backward pass of a
+        batch must end before the next batch starts. Reading the record (:meth:`codes`,
+        :meth:`snapshot`, ...) in the middle of a batch is fine. ``copy.deepcopy`` of
+        the recorder copies its model too, and the copy records that model's training; a
+        deep copy of the model alone carries hooks that keep feeding this recorder
+        (remove it first).
 
     Args:
         model: The model to watch.
@@ -800,7 +806,7 @@ class GradientSignRecorder(_SignReader):
         self._modules = {name: model.get_submodule(name) for name in self.layers}
         self.sample_index, self._lookup = _sample_lookup(samples, num_samples)
         self._lookup_array = self._lookup.numpy()  # for the compiled find_rows
-        self._num_samples = num_samples
+        self._num_samples = None if num_samples is None else _as_count(num_samples)
         self._every_index = samples is None  # the look-up table is the identity
         self._wants_epoch = _epoch_schedule(epochs)
 
@@ -861,6 +867,15 @@ class GradientSignRecorder(_SignReader):
         self._record_arrays = [
             record.numpy() if record.is_cpu else None for record in self._records
         ]
+        if self._handles:
+            # A copy of an attached recorder: the copied model carries the
+            # original's hooks (functions are shared, not copied, so they would
+            # feed the original recorder). The copied handles point into the
+            # copied model: take those hooks off and put on the copy's own.
+            stale, self._handles = self._handles, []
+            for handle in stale:
+                handle.remove()
+            self.attach()
 
     @property
     def attached(self) -> bool:
@@ -1124,7 +1139,9 @@ class GradientSignRecorder(_SignReader):
         )
 
     def _packed_of(self, layer: str, quantity: str) -> Tensor:
-        self._flush()
+        # Write what is staged, but keep the batch armed: reading between a
+        # forward and a backward pass must not drop the batch's signs.
+        self._write_staged()
         if self._segments is None:
             raise RuntimeError(
                 f"Layer {layer!r} has not run in a recorded forward pass yet, so its "
@@ -1331,9 +1348,12 @@ class GradientSignRecorder(_SignReader):
         elif known != width:
             raise ValueError(
                 f"Layer {name!r} was expected to have {known} neurons but a forward "
-                f"pass gave it shape {tuple(tensor.shape)}; an activation module "
-                "used at several places of the network cannot be recorded, give "
-                "each place its own module."
+                f"pass gave it shape {tuple(tensor.shape)}. The recorder reads axis 1 "
+                "as the neurons ([B, K], or [B, C, *spatial] for channels): for "
+                "[B, T, K] sequences, move K to axis 1 or flatten T into the batch. "
+                "Otherwise the module runs at several places of the network with "
+                "different widths, which cannot be recorded: give each place its own "
+                "module."
             )
 
     def _make_pre_hook(self, name: str) -> Callable:
@@ -1468,6 +1488,9 @@ def _encode_into(
     """
     if grad.requires_grad:  # create_graph=True
         grad = grad.detach()
+    # A lazily negated (or conjugated) view, which another hook may hand over, has
+    # no NumPy view until it is materialized; for other tensors these are no-ops.
+    grad = grad.resolve_neg().resolve_conj()
     if grad.dtype not in _encode.KERNEL_DTYPES:
         grad = grad.float()
     if grad.device.type != "cpu":
@@ -1617,16 +1640,23 @@ def _positions(index: Tensor, wanted: Any, name: str, what: str, where: str) -> 
     return order[slots]
 
 
+def _as_count(value: Any) -> int:
+    """``value`` as a Python int: an int, a NumPy integer or a 0-d integer tensor."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise ValueError(
+            f"Invalid num_samples {value!r}; pass the dataset size, an int."
+        )
+    return int(value)
+
+
 def _sample_lookup(
     samples: Tensor | Sequence[int] | None, num_samples: int | None
 ) -> tuple[Tensor, Tensor]:
     """Tracked dataset indices ``[S]`` and the table dataset index -> row (-1)."""
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int)
-    ):
-        raise ValueError(
-            f"Invalid num_samples {num_samples!r}; pass the dataset size, an int."
-        )
+    if num_samples is not None:
+        num_samples = _as_count(num_samples)
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"Invalid num_samples {num_samples}; pass the dataset size.")
     if samples is None:
