@@ -985,7 +985,8 @@ def test_the_direct_path_takes_plain_gradients_and_hands_others_on_unchanged():
     F.cross_entropy(model(x[index]), y[index]).backward()
 
     key = ("act2", "activation")
-    byte, width = recorder._columns_of[key]
+    segment = recorder._segments[key]
+    byte, width = segment.byte, segment.num_neurons
     record = recorder._records[-1]
     generator = torch.Generator().manual_seed(1)
     grad = torch.randn(4, width, generator=generator, dtype=torch.float64)

@@ -804,9 +804,11 @@ class GradientSignRecorder(_SignReader):
         self.quantities = _check_quantities(quantities)
         self.layers = _resolve_layers(model, layers)
         self._modules = {name: model.get_submodule(name) for name in self.layers}
+        if num_samples is not None:
+            num_samples = _as_count(num_samples)
         self.sample_index, self._lookup = _sample_lookup(samples, num_samples)
         self._lookup_array = self._lookup.numpy()  # for the compiled find_rows
-        self._num_samples = None if num_samples is None else _as_count(num_samples)
+        self._num_samples = num_samples
         self._every_index = samples is None  # the look-up table is the identity
         self._wants_epoch = _epoch_schedule(epochs)
 
@@ -1238,12 +1240,8 @@ class GradientSignRecorder(_SignReader):
                 column += segment.num_bytes * CODES_PER_BYTE
         self._segments = segments
         self._row_bytes = column // CODES_PER_BYTE
-        # For the hot path: where each layer and quantity goes, and whether every
-        # neuron of every layer is tracked (gradients then go to the kernel whole).
-        self._columns_of = {
-            key: (segment.byte, segment.num_neurons)
-            for key, segment in segments.items()
-        }
+        # For the hot path: whether every neuron of every layer is tracked
+        # (gradients then go to the kernel whole).
         self._every_neuron = all(self._requested[n] is None for n in self.layers)
         self._grow(self._where[0])
 
@@ -1415,20 +1413,16 @@ class GradientSignRecorder(_SignReader):
         direct = batch.direct
         if direct is not None:  # the common case on the CPU: as few steps as can be
             encode, record, rows, codes = direct
-            byte, width = self._columns_of[key]
+            segment = self._segments[key]
             try:
                 array = grad.numpy()  # refuses a gradient that needs grad, or a GPU's
                 if (
                     array.ndim == 2
                     and array.shape[0] == rows.shape[0]
-                    and array.shape[1] == width
+                    and array.shape[1] == segment.num_neurons
                 ):
                     # Raises TypeError for a dtype or layout it was not compiled for.
-                    stray = encode(array, record, rows, byte, codes)
-                    if stray >= 0:  # start_batch keeps rows in range: a bug if seen
-                        raise IndexError(
-                            f"Record row {int(rows[stray])} is out of range."
-                        )
+                    _encode_rows(encode, array, record, rows, segment.byte, codes)
                     return
             except (RuntimeError, TypeError):
                 pass  # the general path below converts what needs converting
@@ -1512,9 +1506,26 @@ def _encode_into(
             f"[{expected}, {segment.num_neurons}], the batch's tracked samples by "
             "the layer's tracked neurons."
         )
-    stray = scratch.kernels.encode(
-        grad.numpy(), record, rows, segment.byte, scratch.codes_array
+    _encode_rows(
+        scratch.kernels.encode,
+        grad.numpy(),
+        record,
+        rows,
+        segment.byte,
+        scratch.codes_array,
     )
+
+
+def _encode_rows(
+    encode: Callable,
+    array: np.ndarray,
+    record: np.ndarray,
+    rows: np.ndarray,
+    byte: int,
+    codes: np.ndarray,
+) -> None:
+    """Call the compiled ``encode``; a row out of range (it wrote nothing) raises."""
+    stray = encode(array, record, rows, byte, codes)
     if stray >= 0:  # start_batch keeps rows in range: a bug if seen
         raise IndexError(f"Record row {int(rows[stray])} is out of range.")
 
@@ -1640,11 +1651,18 @@ def _positions(index: Tensor, wanted: Any, name: str, what: str, where: str) -> 
     return order[slots]
 
 
+def _is_integer(value: Any) -> bool:
+    """Whether ``value`` is an int or a NumPy integer, not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
 def _as_count(value: Any) -> int:
     """``value`` as a Python int: an int, a NumPy integer or a 0-d integer tensor."""
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
         value = value.item()
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+    if not _is_integer(value):
         raise ValueError(
             f"Invalid num_samples {value!r}; pass the dataset size, an int."
         )
@@ -1655,8 +1673,6 @@ def _sample_lookup(
     samples: Tensor | Sequence[int] | None, num_samples: int | None
 ) -> tuple[Tensor, Tensor]:
     """Tracked dataset indices ``[S]`` and the table dataset index -> row (-1)."""
-    if num_samples is not None:
-        num_samples = _as_count(num_samples)
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"Invalid num_samples {num_samples}; pass the dataset size.")
     if samples is None:
@@ -1712,7 +1728,7 @@ def _epoch_schedule(
         return epochs
     chosen = set()
     for epoch in epochs:
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+        if not _is_integer(epoch):
             raise ValueError(
                 f"Invalid epoch {epoch!r} in epochs; pass 0-based epoch numbers "
                 "(ints) or a function epoch -> bool."
